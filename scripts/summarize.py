@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Summarize a multirun (or any folder of kdexp runs) as a table.
+
+    python scripts/summarize.py outputs/multirun/2026-11-29_10-00-00
+    python scripts/summarize.py outputs --sort best/val/acc --csv results.csv
+
+One row per run directory (a folder with metrics.json): the overrides that differ
+between runs, status, final and best metrics, and where the teacher came from.
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+
+HIDDEN_KEYS = ("paths.", "hydra.", "dataset.root", "dataset.path", "teacher.checkpoint")
+METRICS = ("val/acc", "best/val/acc", "val/loss", "train/loss", "teacher/val/acc", "teacher", "epoch_s")
+
+
+def find_runs(root: str):
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("tb", "checkpoints", ".hydra"))
+        if "metrics.json" in filenames:
+            yield dirpath
+
+
+def parse_overrides(items):
+    out = {}
+    for item in items:
+        key, _, value = item.lstrip("+~").partition("=")
+        if not key.startswith(HIDDEN_KEYS):
+            out[key] = value
+    return out
+
+
+def load_row(run_dir: str, root: str) -> dict:
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        m = json.load(f)
+    final, best, teacher = m.get("final", {}), m.get("best", {}), m.get("teacher", {})
+    row = {"run": os.path.relpath(run_dir, root), **parse_overrides(m.get("overrides", []))}
+    row.update({
+        "status": m.get("status", "?") + (f" ({m['error'][:60]})" if m.get("error") else ""),
+        "val/acc": final.get("val/acc"), "best/val/acc": best.get("val/acc"), "val/loss": final.get("val/loss"),
+        "train/loss": final.get("train/loss"), "teacher/val/acc": teacher.get("val/acc"),
+        "teacher": teacher.get("source"), "epoch_s": (m.get("timings") or {}).get("time/epoch_s"),
+    })
+    return row
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("root", help="a multirun folder, a run folder or any folder of runs")
+    p.add_argument("--sort", default="val/acc", help="column to sort by, descending (default val/acc)")
+    p.add_argument("--ascending", action="store_true")
+    p.add_argument("--csv", help="also write the table to this CSV file")
+    args = p.parse_args(argv)
+    if not os.path.isdir(args.root):
+        print(f"summarize: {args.root} is not a folder", file=sys.stderr)
+        return 2
+    rows = [load_row(d, args.root) for d in find_runs(args.root)]
+    if not rows:
+        print(f"summarize: no runs (metrics.json) under {args.root}", file=sys.stderr)
+        return 1
+    override_keys = sorted({k for r in rows for k in r} - set(METRICS) - {"run", "status"})
+    columns = ["run", *override_keys, "status", *METRICS]
+    if args.sort not in columns:
+        print(f"summarize: --sort {args.sort!r} is not a column; choose from {columns}", file=sys.stderr)
+        return 2
+    present = [r for r in rows if isinstance(r.get(args.sort), (int, float))]
+    missing = [r for r in rows if not isinstance(r.get(args.sort), (int, float))]
+    rows = sorted(present, key=lambda r: r[args.sort], reverse=not args.ascending) + missing
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "|".join("---" for _ in columns) + "|")
+    for r in rows:
+        print("| " + " | ".join(fmt(r.get(c)) for c in columns) + " |")
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=columns)
+            w.writeheader()
+            w.writerows({c: r.get(c) for c in columns} for r in rows)
+    failed = sum(not str(r["status"]).startswith("done") for r in rows)
+    print(f"\n{len(rows)} runs, {failed} not done", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+import os
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+import kdexp.train  # noqa: F401  (registers the structured configs)
+from kdexp import config_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GROUPS = ("dataset", "teacher", "student", "method", "hardware")
+# Short recipes so end-to-end tests take seconds.
+FAST = ["epochs=1", "teacher.epochs=2", "progress=false"]
+
+
+def group_options(group: str):
+    return sorted(f[:-5] for f in os.listdir(os.path.join(config_dir(), group)) if f.endswith(".yaml"))
+
+
+@pytest.fixture
+def compose_cfg(tmp_path):
+    """compose_cfg(*overrides) -> the composed DictConfig, cache and data under tmp_path."""
+    def _compose(*overrides):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            return compose("config", overrides=[f"paths.cache_dir={tmp_path / 'cache'}",
+                                                f"paths.data_dir={tmp_path / 'data'}", *overrides])
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def python():
+    return sys.executable
