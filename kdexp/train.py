@@ -82,6 +82,8 @@ def run(cfg: DictConfig, run_dir: str, overrides=()) -> float:
         torch.manual_seed(derive_seed(cfg.seed, "student/init"))  # independent of the teacher's source
         student = get_model(cfg.student.arch, data.in_shape, data.num_classes, **cfg.student.args)
         method = method_cls(cfg.method, student, teacher).to(device)
+        if state is None:
+            method.prepare(data, device)
         torch.manual_seed(derive_seed(cfg.seed, "train"))  # dropout and other in-training randomness
 
         def on_epoch(epoch, metrics, fit_state):

@@ -44,7 +44,7 @@ def fit(method: Method, data: Data, *, optim_cfg, epochs: int, batch_size: int, 
     `state` (from a checkpoint) resumes after its last finished epoch; `on_epoch(epoch,
     metrics, state)` gets the state to save after every epoch.
     """
-    optimizer = build_optimizer(method.parameters(), optim_cfg)
+    optimizer = build_optimizer(method.param_groups(optim_cfg), optim_cfg)
     scheduler = build_scheduler(optimizer, optim_cfg, epochs)
     gen = torch.Generator().manual_seed(seed)
     history: List[Dict[str, float]] = []
@@ -85,6 +85,8 @@ def fit(method: Method, data: Data, *, optim_cfg, epochs: int, batch_size: int, 
         scheduler.step()
         train_s = time.perf_counter() - t0
         val = evaluate(method.student, data.x_val, data.y_val, eval_batch_size)
+        for name, model in method.eval_models().items():
+            sums[f"val/acc_{name}"] = evaluate(model, data.x_val, data.y_val, eval_batch_size)["acc"]
         metrics = {**sums, "val/acc": val["acc"], "val/loss": val["loss"], "lr": optimizer.param_groups[0]["lr"],
                    "time/epoch_s": train_s, "time/samples_per_s": n / train_s}
         history.append(metrics)

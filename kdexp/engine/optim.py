@@ -3,7 +3,8 @@ import torch
 
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+    """`params`: parameters or parameter groups (dicts; a group may set its own lr/weight_decay)."""
+    params = list(params)
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)

@@ -7,7 +7,7 @@ weighted loss terms by name; the engine sums them and logs each as train/loss_<n
 """
 import abc
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -46,6 +46,21 @@ class Method(nn.Module, abc.ABC):
         # off the module tree.
         object.__setattr__(self, "teacher", teacher)
         self.w_ce = (1.0 - cfg.alpha) if cfg.w_ce is None else cfg.w_ce
+
+    def param_groups(self, optim_cfg) -> List[dict]:
+        """Optimizer parameter groups. Override to give a method-owned part (a discriminator,
+        say) its own lr/weight_decay: return [{"params": [...]}, {"params": [...], "lr": ...}].
+        Every trainable parameter of the module must be in exactly one group."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def prepare(self, data, device) -> None:
+        """Runs once before the fit loop: pre-training stages (a hint stage, a paraphraser,
+        an initialization) go here. Default: nothing."""
+
+    def eval_models(self) -> Dict[str, nn.Module]:
+        """Models evaluated every epoch besides the student, logged as val/acc_<name>
+        (e.g. the other peers of mutual learning). Default: none."""
+        return {}
 
     @abc.abstractmethod
     def losses(self, batch: Batch) -> Dict[str, torch.Tensor]:
