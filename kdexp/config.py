@@ -87,7 +87,8 @@ class Config:
     batch_size: int = 64
     eval_batch_size: int = 1024
     optim: OptimConfig = field(default_factory=OptimConfig)
-    resume: bool = False
+    resume: bool = True  # continue an interrupted run directory from checkpoints/last.pt
+    force: bool = False  # rerun a run directory whose metrics.json says done
     checkpoint_every: int = 1  # epochs between checkpoints/last.pt writes
     progress: bool = True  # progress bar (only shown when stdout is a terminal)
 

@@ -3,9 +3,9 @@
     python -m kdexp.train method=kd method.temperature=4
     python -m kdexp.train -m method=ce,kd method.temperature=2,8
 """
-import json
 import logging
 import os
+import shutil
 import sys
 
 import hydra
@@ -17,9 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 from kdexp import config_dir
 from kdexp.config import register_configs, validate
 from kdexp.data import load_dataset
-from kdexp.engine.checkpoint import atomic_torch_save
+from kdexp.engine.checkpoint import atomic_json_dump, atomic_torch_save
 from kdexp.engine.fit import fit
 from kdexp.engine.logging import RunLogger
+from kdexp.engine.resume import load_checkpoint, read_metrics
+from kdexp.engine.runinfo import write_run_info
 from kdexp.engine.teacher import provide_teacher
 from kdexp.errors import ConfigError, KdexpError
 from kdexp.methods import get_method
@@ -56,16 +58,27 @@ def hparams_of(cfg: DictConfig) -> dict:
 
 
 def run(cfg: DictConfig, run_dir: str, overrides=()) -> float:
-    """One experiment in `run_dir`; returns the final val/acc. Usable without Hydra's main."""
-    validate(cfg)
+    """One experiment in `run_dir`; returns the final val/acc. Usable without Hydra's main.
+    A finished run directory is skipped (force=true reruns it); an interrupted one is
+    continued from checkpoints/last.pt (resume=false starts over)."""
     ckpt_path = os.path.join(run_dir, "checkpoints", "last.pt")
-    state = record = None
-    if cfg.resume and os.path.isfile(ckpt_path):
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        with open(os.path.join(run_dir, "metrics.json")) as f:
-            record = json.load(f)
-        record["history"] = record["history"][:state["epoch"]]
-        log.info("resuming from %s after epoch %d", ckpt_path, state["epoch"])
+    previous = read_metrics(run_dir)
+    if (previous and previous.get("status") == "done" and not cfg.force
+            and len(previous.get("history", [])) >= cfg.epochs):  # more epochs than before: continue it
+        log.info("%s is already done (val/acc %.4f); skipping it (force=true reruns it)", run_dir,
+                 previous["final"]["val/acc"])
+        return float(previous["final"]["val/acc"])
+    try:
+        validate(cfg)
+        state, record = load_checkpoint(cfg, run_dir)
+    except KdexpError as e:  # record it, so that a sweep's summary shows the failed job
+        os.makedirs(run_dir, exist_ok=True)
+        atomic_json_dump({"status": "failed", "error": f"{type(e).__name__}: {e}", "overrides": list(overrides)},
+                         os.path.join(run_dir, "metrics.json"))
+        raise
+    if state is None and os.path.isdir(os.path.join(run_dir, "tb")):
+        shutil.rmtree(os.path.join(run_dir, "tb"))  # starting over: old curves would mix with the new ones
+    write_run_info(run_dir, cfg)
     logger = RunLogger(run_dir, hparams_of(cfg), overrides, record)
     try:
         seed_all(cfg.seed)
@@ -79,6 +92,9 @@ def run(cfg: DictConfig, run_dir: str, overrides=()) -> float:
             teacher, tinfo = provide_teacher(cfg, data)
             logger.scalars({"teacher/val/acc": tinfo["val/acc"]}, 0)
         logger.record["teacher"] = tinfo
+        if state is not None and state.get("teacher_key") != tinfo["key"]:
+            raise ConfigError(f"cannot resume {run_dir}: its checkpoint was distilled from teacher "
+                              f"{state.get('teacher_key')}, this config gives {tinfo['key']}; rerun with resume=false")
         torch.manual_seed(derive_seed(cfg.seed, "student/init"))  # independent of the teacher's source
         student = get_model(cfg.student.arch, data.in_shape, data.num_classes, **cfg.student.args)
         method = method_cls(cfg.method, student, teacher).to(device)
@@ -101,7 +117,7 @@ def run(cfg: DictConfig, run_dir: str, overrides=()) -> float:
             logger.record["final"]["teacher/val/acc"] = tinfo["val/acc"]
         logger.finish("done")
     except BaseException as e:
-        logger.finish("failed", error=f"{type(e).__name__}: {e}")
+        logger.finish("failed", error=f"{type(e).__name__}: {describe(e)}")
         raise
     final = logger.record["final"]["val/acc"]
     log.info("done: val/acc %.4f (best %.4f at epoch %d), teacher %s -> %s", final, logger.record["best"]["val/acc"],
@@ -109,16 +125,29 @@ def run(cfg: DictConfig, run_dir: str, overrides=()) -> float:
     return float(final)
 
 
+def describe(e: BaseException) -> str:
+    """One clear line for errors a user can fix; writing errors name the path and reason."""
+    if isinstance(e, OSError) and not isinstance(e, KdexpError):
+        return f"cannot write the run outputs: {e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+    return str(e)
+
+
 @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
     try:
         return run(cfg, hc.runtime.output_dir, hc.overrides.task)
-    except KdexpError as e:
-        log.error("%s", e)
-        if hc.mode == RunMode.MULTIRUN:
-            raise  # let the launcher record it and go on with the other jobs
+    except (KdexpError, OSError) as e:
+        log.error("%s", describe(e))
+        if multirun:
+            return float("nan")  # recorded in metrics.json; the sweep goes on and exits 1 at its end
         sys.exit(1)
+    except Exception:
+        if not multirun:
+            raise  # an unexpected error: keep the traceback
+        log.exception("job failed")  # traceback into this job's log; the other jobs still run
+        return float("nan")
 
 
 def cli() -> None:

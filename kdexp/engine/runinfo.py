@@ -1,0 +1,48 @@
+"""What makes a run reproducible, saved into its directory: the resolved config, the
+command line, the git commit (+ dirty flag) of the kdexp source, package versions."""
+import importlib.metadata
+import os
+import platform
+import subprocess
+import sys
+
+from omegaconf import OmegaConf
+
+from kdexp.engine.checkpoint import atomic_json_dump
+
+PACKAGES = ("kdexp", "torch", "torchvision", "hydra-core", "omegaconf", "numpy", "scikit-learn", "tensorboard")
+
+
+def git_state(path: str) -> dict:
+    def git(*args):
+        return subprocess.run(["git", "-C", path, *args], capture_output=True, text=True, timeout=10)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return {"commit": None, "dirty": None}
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
+        return {"commit": head.stdout.strip(), "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def package_versions() -> dict:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def write_run_info(run_dir: str, cfg) -> None:
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        f.write(OmegaConf.to_yaml(cfg, resolve=True))
+    src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    atomic_json_dump({
+        "command": [sys.executable, *sys.argv], "cwd": os.getcwd(), "git": git_state(src),
+        "packages": package_versions(), "python": sys.version.split()[0], "platform": platform.platform(),
+    }, os.path.join(run_dir, "run_info.json"))
