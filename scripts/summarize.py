@@ -3,6 +3,10 @@
 
     python scripts/summarize.py outputs/multirun/2026-11-29_10-00-00
     python scripts/summarize.py outputs --sort best/val/acc --csv results.csv
+    python scripts/summarize.py outputs/multirun/X --seeds-only   # only the mean +- std table
+
+When `seed` is one of the overrides, a second table gives mean +- std over seeds for each
+combination of the other overrides (failed runs are left out of the means and counted).
 
 One row per run directory (a folder with metrics.json): the overrides that differ
 between runs, status, final and best metrics, and where the teacher came from.
@@ -11,6 +15,7 @@ import argparse
 import csv
 import json
 import os
+import statistics
 import sys
 
 HIDDEN_KEYS = ("paths.", "hydra.", "dataset.root", "dataset.path", "teacher.checkpoint")
@@ -53,12 +58,43 @@ def fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def seed_table(rows, override_keys, metrics=("val/acc", "best/val/acc", "teacher/val/acc")):
+    """Rows grouped by every override except seed -> (columns, table rows) with mean +- std."""
+    keys = [k for k in override_keys if k != "seed"]
+    groups = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    columns = [*keys, "seeds", "failed", *(f"{m} (mean ± std)" for m in metrics)]
+    out = []
+    for combo, members in groups.items():
+        done = [r for r in members if str(r["status"]).startswith("done")]
+        cells = list(combo) + [len(members), len(members) - len(done)]
+        for m in metrics:
+            vals = [r[m] for r in done if isinstance(r.get(m), (int, float))]
+            if not vals:
+                cells.append(None)
+            else:
+                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                cells.append(f"{statistics.mean(vals):.4f} ± {sd:.4f}")
+        out.append(cells)
+    out.sort(key=lambda c: c[len(keys) + 2] or "", reverse=True)
+    return columns, out
+
+
+def print_markdown(columns, rows) -> None:
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "|".join("---" for _ in columns) + "|")
+    for r in rows:
+        print("| " + " | ".join(fmt(c) for c in r) + " |")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", help="a multirun folder, a run folder or any folder of runs")
     p.add_argument("--sort", default="val/acc", help="column to sort by, descending (default val/acc)")
     p.add_argument("--ascending", action="store_true")
-    p.add_argument("--csv", help="also write the table to this CSV file")
+    p.add_argument("--csv", help="also write the per-run table to this CSV file")
+    p.add_argument("--seeds-only", action="store_true", help="print only the mean +- std over seeds table")
     args = p.parse_args(argv)
     if not os.path.isdir(args.root):
         print(f"summarize: {args.root} is not a folder", file=sys.stderr)
@@ -75,10 +111,12 @@ def main(argv=None) -> int:
     present = [r for r in rows if isinstance(r.get(args.sort), (int, float))]
     missing = [r for r in rows if not isinstance(r.get(args.sort), (int, float))]
     rows = sorted(present, key=lambda r: r[args.sort], reverse=not args.ascending) + missing
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "|".join("---" for _ in columns) + "|")
-    for r in rows:
-        print("| " + " | ".join(fmt(r.get(c)) for c in columns) + " |")
+    if not args.seeds_only:
+        print_markdown(columns, [[r.get(c) for c in columns] for r in rows])
+    if "seed" in override_keys:
+        if not args.seeds_only:
+            print()
+        print_markdown(*seed_table(rows, override_keys))
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=columns)

@@ -1,7 +1,7 @@
 """Datasets as in-memory tensors. A dataset builder returns raw splits; `load_dataset`
 applies the class subset, normalization and label remapping the same way for all."""
 from dataclasses import dataclass, replace
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -24,18 +24,55 @@ class Data:
     y_val: torch.Tensor
     num_classes: int
     name: str
+    # dataset.label_fraction < 1: bool (N_train,), True where the training sample keeps its
+    # label; the rest is an unlabeled transfer set. None: every training sample is labeled.
+    labeled: Optional[torch.Tensor] = None
+    # Domain shift (conf/domain, kdexp.data.domain): the target view of every sample, parallel to
+    # x_train / x_val (same index = same sample; x_train / x_val are the source views). None: no shift.
+    x_train_target: Optional[torch.Tensor] = None
+    x_val_target: Optional[torch.Tensor] = None
+    domain: Optional[str] = None  # the shift, e.g. "vflip" (kdexp.data.domain.describe)
+    # Name of the view x_train holds, the key of the teacher-output cache: "train" (the source
+    # view), "train_target" when a single-view method trains on the target view.
+    view: str = "train"
+
+    TENSORS = ("x_train", "y_train", "x_val", "y_val", "labeled", "x_train_target", "x_val_target")
 
     @property
     def in_shape(self) -> Tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
     def to(self, device) -> "Data":
-        return replace(self, **{k: getattr(self, k).to(device) for k in ("x_train", "y_train", "x_val", "y_val")})
+        return replace(self, **{k: getattr(self, k).to(device) for k in self.TENSORS if getattr(self, k) is not None})
+
+    def source_only(self) -> "Data":
+        """The source views alone (no target view): what a teacher trains and is evaluated on."""
+        return replace(self, x_train_target=None, x_val_target=None, domain=None)
 
 
 def stratified_split(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int):
     """Fixed-seed stratified split -> x_train, x_val, y_train, y_val."""
     return train_test_split(x, y, test_size=val_fraction, random_state=seed, stratify=y)
+
+
+def labeled_mask(y: np.ndarray, fraction: float, seed: int) -> torch.Tensor:
+    """Stratified choice of the training samples that keep their label (dataset.label_fraction):
+    floor(fraction * N) samples, class proportions preserved, fixed by `seed` -> bool (N,)."""
+    n = len(y)
+    keep = int(fraction * n)
+    classes = len(np.unique(y))
+    if keep < classes:
+        raise ConfigError(f"dataset.label_fraction={fraction} keeps {keep} of {n} training labels, fewer than the "
+                          f"{classes} classes; use at least {classes / n:.4f}")
+    if keep == n:
+        return torch.ones(n, dtype=torch.bool)
+    try:
+        chosen, _ = train_test_split(np.arange(n), train_size=keep, random_state=seed, stratify=y)
+    except ValueError as e:  # e.g. fewer unlabeled samples left than classes
+        raise ConfigError(f"dataset.label_fraction={fraction}: no stratified split of {n} samples ({e})") from None
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.as_tensor(chosen)] = True
+    return mask
 
 
 def as_images(x: np.ndarray) -> np.ndarray:
@@ -56,8 +93,11 @@ def _select_classes(x, y, classes, split: str):
     return x[keep], np.array([remap[int(v)] for v in y[keep]], dtype=np.int64)
 
 
-def load_dataset(cfg) -> Data:
-    """Build the dataset named cfg.name -> Data (float32 inputs, int64 labels)."""
+def load_dataset(cfg, domain=None) -> Data:
+    """Build the dataset named cfg.name -> Data (float32 inputs, int64 labels). `domain` (a
+    conf/domain config) adds the target views: its transforms are applied to the raw images
+    (after the class subset, before normalization), and both views are standardized with the
+    source training statistics."""
     build = DATASETS.get(cfg.name)
     x_tr, y_tr, x_va, y_va, num_classes = build(cfg)
     y_tr, y_va = np.asarray(y_tr).astype(np.int64), np.asarray(y_va).astype(np.int64)
@@ -71,11 +111,23 @@ def load_dataset(cfg) -> Data:
         num_classes = len(classes)
     x_tr = torch.as_tensor(np.ascontiguousarray(x_tr), dtype=torch.float32)
     x_va = torch.as_tensor(np.ascontiguousarray(x_va), dtype=torch.float32)
+    steps = domain_steps(domain)
+    x_tr_t = x_va_t = None
+    if steps:  # the target views, from the raw images (kdexp.data.domain)
+        value_range = (float(x_tr.min()), float(x_tr.max()))
+        x_tr_t = apply_transforms(x_tr, steps, "train", value_range)
+        x_va_t = apply_transforms(x_va, steps, "val", value_range)
     if cfg.normalize:
         dims = [0] + list(range(2, x_tr.dim()))  # per channel for images, per feature for vectors
         mean, std = x_tr.mean(dims, keepdim=True), x_tr.std(dims, keepdim=True).clamp_min(1e-6)
         x_tr, x_va = (x_tr - mean) / std, (x_va - mean) / std
-    return Data(x_tr, torch.as_tensor(y_tr), x_va, torch.as_tensor(y_va), num_classes, cfg.name)
+        if steps:  # the source statistics: one preprocessing for both views
+            x_tr_t, x_va_t = (x_tr_t - mean) / std, (x_va_t - mean) / std
+    fraction = cfg.get("label_fraction", 1.0)
+    labeled = labeled_mask(y_tr, fraction, cfg.split_seed) if fraction < 1.0 else None
+    return Data(x_tr, torch.as_tensor(y_tr), x_va, torch.as_tensor(y_va), num_classes, cfg.name, labeled,
+                x_tr_t, x_va_t, describe(steps) if steps else None)
 
 
-from kdexp.data import builtin, vision  # noqa: E402,F401  (register the datasets)
+from kdexp.data import builtin, fake, vision  # noqa: E402,F401  (register the datasets)
+from kdexp.data.domain import apply_transforms, describe, parse_transforms as domain_steps  # noqa: E402

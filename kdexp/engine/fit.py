@@ -10,9 +10,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from kdexp.data import Data
+from kdexp.engine.hardware import CPU, Accelerator
 from kdexp.engine.optim import build_optimizer, build_scheduler
+from kdexp.engine.teacher_cache import take_fill_seconds
 from kdexp.errors import KdexpError
-from kdexp.methods import Batch, Method
+from kdexp.methods import UNLABELED, Batch, Method
 
 
 class DivergedError(KdexpError):
@@ -34,18 +36,56 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     return {"acc": correct / len(x), "loss": loss / len(x)}
 
 
+def make_batch(data: Data, idx: torch.Tensor) -> Batch:
+    """The training batch at positions `idx`; with a transfer set (data.labeled), samples without
+    a label get y = UNLABELED so that no label-driven term can use them by accident."""
+    y = data.y_train[idx]
+    view = getattr(data, "view", "train")  # the key of the teacher-output cache (kdexp.engine.teacher_cache)
+    x_target = data.x_train_target[idx] if getattr(data, "x_train_target", None) is not None else None
+    if data.labeled is None:
+        return Batch(data.x_train[idx], y, idx, view=view, x_target=x_target)
+    labeled = data.labeled[idx]
+    return Batch(data.x_train[idx], y.masked_fill(~labeled, UNLABELED), idx, labeled, view=view, x_target=x_target)
+
+
+def epoch_batches(data: Data, method: Method, batch_size: int, steps: int, gen: torch.Generator) -> List[torch.Tensor]:
+    """One epoch's `steps` index batches: slices of a seeded permutation of the training set. With
+    a transfer set (dataset.label_fraction < 1) a method that only learns from labels
+    (uses_unlabeled=False, e.g. ce) draws from the labeled samples alone, pass after pass, for
+    the same number of steps as the others (equal step budgets), in batches of
+    min(batch_size, number of labeled samples)."""
+    device = data.x_train.device
+    if data.labeled is None or method.uses_unlabeled:
+        perm = torch.randperm(len(data.x_train), generator=gen).to(device)
+        return [perm[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
+    pool = data.labeled.nonzero().squeeze(1).cpu()
+    size = min(batch_size, len(pool))
+    batches: List[torch.Tensor] = []
+    while len(batches) < steps:
+        perm = pool[torch.randperm(len(pool), generator=gen)]
+        batches += [perm[i:i + size].to(device) for i in range(0, len(pool), size)]
+    return batches[:steps]
+
+
 def fit(method: Method, data: Data, *, optim_cfg, epochs: int, batch_size: int, seed: int,
         eval_batch_size: int = 1024, on_epoch: Optional[Callable[[int, Dict[str, float], dict], None]] = None,
-        state: Optional[dict] = None, progress: bool = False, desc: str = "train") -> List[Dict[str, float]]:
+        state: Optional[dict] = None, progress: bool = False, desc: str = "train",
+        accel: Optional[Accelerator] = None) -> List[Dict[str, float]]:
     """Train `method.parameters()` for `epochs` epochs; returns the per-epoch metrics.
 
     Batch order comes from a generator seeded with `seed` alone, so it does not depend on
     what ran before in the process (e.g. whether a teacher was trained or loaded).
     `state` (from a checkpoint) resumes after its last finished epoch; `on_epoch(epoch,
-    metrics, state)` gets the state to save after every epoch.
+    metrics, state)` gets the state to save after every epoch. `accel` (kdexp.engine.hardware)
+    adds AMP, DDP sharding/all-reduce and GPU-friendly syncs; the default is the plain CPU loop.
+    The one-off pass of a teacher-output cache is left out of `time/epoch_s` (teacher time).
     """
+    accel = accel or CPU
+    n = len(data.x_train)
+    steps = math.ceil(n / batch_size)
     optimizer = build_optimizer(method.param_groups(optim_cfg), optim_cfg)
-    scheduler = build_scheduler(optimizer, optim_cfg, epochs)
+    scheduler = build_scheduler(optimizer, optim_cfg, epochs, steps)
+    per_step = getattr(scheduler, "per_step", False)  # e.g. DANN's annealing: stepped every step
     gen = torch.Generator().manual_seed(seed)
     history: List[Dict[str, float]] = []
     start = 0
@@ -55,38 +95,60 @@ def fit(method: Method, data: Data, *, optim_cfg, epochs: int, batch_size: int, 
         scheduler.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        accel.load_state_dict(state.get("accel", {}))
         history, start = list(state["history"]), state["epoch"]
-    n = len(data.x_train)
-    steps = math.ceil(n / batch_size)
     show = progress and sys.stdout.isatty()
+    accel.dist.barrier()  # DDP: start the clock together (e.g. after one rank trained the teacher)
     method.train()
     for epoch in range(start, epochs):
+        method.epoch = epoch
         t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=gen).to(data.x_train.device)
+        batches = epoch_batches(data, method, batch_size, steps, gen)
+        total = sum(len(idx) for idx in batches)
         sums: Dict[str, float] = {}
         bar = tqdm(range(steps), desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=not show)
         for step in bar:
-            idx = perm[step * batch_size:(step + 1) * batch_size]
-            terms = method.losses(Batch(data.x_train[idx], data.y_train[idx], idx))
-            loss = sum(terms.values())
-            if not torch.isfinite(loss):
-                bad = [k for k, v in terms.items() if not torch.isfinite(v)]
-                raise DivergedError(f"{desc}: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} "
-                                    f"(non-finite term(s): {bad}); lower the learning rate or check the inputs")
+            global_idx = batches[step]
+            idx = accel.dist.shard(global_idx)  # DDP: this rank's part of the global batch
+            share = len(idx) / len(global_idx)
+            method.progress = (epoch * steps + step) / (epochs * steps)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            w = len(idx) / n  # epoch means weighted by batch size
-            sums["train/loss"] = sums.get("train/loss", 0.0) + loss.item() * w
-            for k, v in terms.items():
-                sums[f"train/loss_{k}"] = sums.get(f"train/loss_{k}", 0.0) + v.item() * w
-            if show and step % 10 == 0:
+            terms, loss = {}, None
+            if len(idx):
+                with accel.autocast():
+                    terms = method.losses(make_batch(data, idx))
+                    loss = sum(terms.values())
+                if (step + 1) % accel.sync_every == 0 or step + 1 == steps:
+                    if not torch.isfinite(loss):
+                        bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+                        at = f"step {step + 1}" if accel.sync_every == 1 else f"step {step + 1} or before"
+                        raise DivergedError(f"{desc}: loss is {loss.item()} at epoch {epoch + 1}, {at} "
+                                            f"(non-finite term(s): {bad}); lower the learning rate or check the inputs")
+                accel.backward(loss)
+            accel.reduce_gradients(optimizer, share)
+            accel.step(optimizer)
+            if per_step:
+                scheduler.step()
+            w = len(global_idx) / total * share  # epoch means weighted by batch size
+            if loss is not None:
+                sums["train/loss"] = sums.get("train/loss", 0.0) + accel.scalar(loss) * w
+                for k, v in terms.items():
+                    sums[f"train/loss_{k}"] = sums.get(f"train/loss_{k}", 0.0) + accel.scalar(v) * w
+            if show and step % 10 == 0 and loss is not None:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-        scheduler.step()
-        train_s = time.perf_counter() - t0
-        val = evaluate(method.student, data.x_val, data.y_val, eval_batch_size)
+        if not per_step:
+            scheduler.step()
+        sums = accel.reduce_sums(sums)
+        train_s = time.perf_counter() - t0 - take_fill_seconds(method)
+        # with a domain shift val/acc is the target view's; val/acc_source and val/acc_target both
+        x_val = data.x_val if getattr(data, "x_val_target", None) is None else data.x_val_target
+        val = accel.evaluate(method.student, x_val, data.y_val, eval_batch_size)
+        if x_val is not data.x_val:
+            sums["val/acc_source"] = accel.evaluate(method.student, data.x_val, data.y_val, eval_batch_size)["acc"]
+            sums["val/acc_target"] = val["acc"]
         for name, model in method.eval_models().items():
-            sums[f"val/acc_{name}"] = evaluate(model, data.x_val, data.y_val, eval_batch_size)["acc"]
+            sums[f"val/acc_{name}"] = accel.evaluate(model, x_val, data.y_val, eval_batch_size)["acc"]
+        sums.update(method.extra_metrics(data))
         metrics = {**sums, "val/acc": val["acc"], "val/loss": val["loss"], "lr": optimizer.param_groups[0]["lr"],
                    "time/epoch_s": train_s, "time/samples_per_s": n / train_s}
         history.append(metrics)
@@ -94,6 +156,6 @@ def fit(method: Method, data: Data, *, optim_cfg, epochs: int, batch_size: int, 
             on_epoch(epoch, metrics, {
                 "epoch": epoch + 1, "method": method.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
-                "torch_rng": torch.get_rng_state(), "history": history})
+                "torch_rng": torch.get_rng_state(), "history": history, "accel": accel.state_dict()})
     method.eval()
     return history

@@ -13,8 +13,15 @@ def build_optimizer(params, cfg) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def build_scheduler(optimizer, cfg, epochs: int):
-    """Stepped once per epoch. none | cosine (to 0 over `epochs`) | step (x gamma at milestones)."""
+def build_scheduler(optimizer, cfg, epochs: int, steps_per_epoch: int = 1):
+    """Stepped once per epoch. none | cosine (to 0 over `epochs`) | step (x gamma at milestones)
+    | dann: Ganin & Lempitsky's annealing lr0 / (1 + 10 p)^0.75 with p the training progress
+    0 -> 1, stepped after every optimizer step (the scheduler's `per_step` is True)."""
+    if cfg.schedule == "dann":
+        total = max(1, epochs * steps_per_epoch)
+        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: (1.0 + 10.0 * i / total) ** -0.75)
+        sched.per_step = True
+        return sched
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     if cfg.schedule == "step":

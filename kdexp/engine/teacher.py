@@ -1,41 +1,78 @@
 """Teacher provider: load `teacher.checkpoint`, or train the teacher once with its own
 recipe and cache it under paths.cache_dir, keyed by a hash of everything that determines
-it. Writes are atomic and under a file lock, so parallel sweep jobs train it once."""
+it. Writes are atomic and under a file lock, so parallel sweep jobs train it once.
+
+`teachers=[...]` gives an ensemble (members provided the same way, softmax outputs
+averaged); a method with `teacher_from_student = True` (Tf-KD self) gets a teacher with the
+student's architecture and the teacher recipe."""
 import hashlib
 import json
 import logging
 import os
 import time
-from typing import Tuple
+from dataclasses import replace
+from typing import Dict, List, Tuple
 
 import torch
+import torch.nn as nn
 from filelock import FileLock
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from kdexp.data import Data
+from kdexp import config_dir
+from kdexp.config import TeacherConfig, validate_teacher
+from kdexp.data import Data, load_dataset
 from kdexp.engine.checkpoint import atomic_torch_save
 from kdexp.engine.fit import evaluate, fit
 from kdexp.errors import ConfigError
+from kdexp.losses import ensemble_log_probs
 from kdexp.methods import Batch, get_method
 from kdexp.models import get_model
+from kdexp.models.taps import run_with_features
 from kdexp.seeding import derive_seed
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1  # bump when the teacher training code changes what a recipe produces
+CACHE_VERSION = 2  # bump when the teacher training code changes what a recipe produces
+# 2: CIFAR ResNets moved to kdexp/models/cifar.py with RepDistiller's parameter names
 
 
 class FrozenTeacher:
     """A frozen teacher in eval mode (deliberately not an nn.Module, so that no method or
     optimizer picks up its parameters). `logits(batch)` is what methods call."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, in_shape=None):
         self.model = model.eval()
+        # input shape (C,H,W) of the data: feature methods probe feature shapes with it
+        self.in_shape = tuple(in_shape) if in_shape is not None else None
         for p in self.model.parameters():
             p.requires_grad_(False)
+            p.grad = None  # a freshly trained teacher keeps its last gradients otherwise
 
     @torch.no_grad()
     def logits(self, batch: Batch) -> torch.Tensor:
         return self.model(batch.x)
+
+    @torch.no_grad()
+    def features(self, batch: Batch, names) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """(logits, {name: tapped feature}) from one forward; names as in kdexp.models.taps."""
+        return run_with_features(self.model, batch.x, names, "teacher")
+
+
+class EnsembleModel(nn.Module):
+    """Teacher ensemble as one model: its logits are log(mean_m softmax(z_m)), the log of the
+    members' averaged softmax outputs (`kdexp.losses.ensemble_log_probs`). Softening them with T
+    gives p_bar^(1/T) renormalized (T=1: exactly the average)."""
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x):
+        return ensemble_log_probs([m(x) for m in self.members])
+
+
+class _ReachedAccuracy(Exception):
+    """Raised from the teacher's epoch callback to stop at teacher.stop_at_acc."""
 
 
 def data_fingerprint(data: Data) -> str:
@@ -48,9 +85,16 @@ def data_fingerprint(data: Data) -> str:
 
 
 def teacher_key(tcfg, dataset_cfg, data: Data) -> str:
-    recipe = {k: OmegaConf.to_container(tcfg, resolve=True)[k]
-              for k in ("arch", "args", "epochs", "batch_size", "seed", "optim")}
-    ds = {k: v for k, v in OmegaConf.to_container(dataset_cfg, resolve=True).items() if k not in ("root", "download")}
+    t = OmegaConf.to_container(tcfg, resolve=True)
+    recipe = {k: t[k] for k in ("arch", "args", "epochs", "batch_size", "seed", "optim")}
+    if t.get("stop_at_acc") is not None:  # only when set, so that existing cache keys stay valid
+        recipe["stop_at_acc"] = t["stop_at_acc"]
+    if t.get("labeled_only"):  # only when set (issue 6): trained on the labeled part alone
+        recipe["labeled_only"] = True
+    # label_fraction is left out: the teacher is trained on every label whatever the student keeps
+    # (unless teacher.labeled_only). teacher.classes enters through dataset_cfg (see _provide_one).
+    ds = {k: v for k, v in OmegaConf.to_container(dataset_cfg, resolve=True).items()
+          if k not in ("root", "download") and (k != "label_fraction" or t.get("labeled_only"))}
     blob = json.dumps({"v": CACHE_VERSION, "teacher": recipe, "dataset": ds, "data": data_fingerprint(data)},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -60,11 +104,29 @@ def _train(tcfg, data: Data, eval_batch_size: int, progress: bool) -> torch.nn.M
     torch.manual_seed(derive_seed(tcfg.seed, "teacher/init"))
     model = get_model(tcfg.arch, data.in_shape, data.num_classes, **tcfg.args).to(data.x_train.device)
     ce = get_method("ce")(OmegaConf.create({"w_ce": 1.0, "alpha": 0.0, "temperature": 1.0}), model)
-    log.info("training teacher %s for %d epochs (cached afterwards)", tcfg.arch, tcfg.epochs)
-    fit(ce, data, optim_cfg=tcfg.optim, epochs=tcfg.epochs, batch_size=tcfg.batch_size,
-        seed=derive_seed(tcfg.seed, "teacher/batches"), eval_batch_size=eval_batch_size,
-        progress=progress, desc="teacher")
-    return model
+    stop = tcfg.get("stop_at_acc")
+    log.info("training teacher %s for %d epochs%s (cached afterwards)", tcfg.arch, tcfg.epochs,
+             "" if stop is None else f", or until val/acc >= {stop}")
+
+    def on_epoch(epoch, metrics, _state):
+        if stop is not None and metrics["val/acc"] >= stop:
+            log.info("teacher val/acc %.4f >= teacher.stop_at_acc=%s after epoch %d: stopped", metrics["val/acc"],
+                     stop, epoch + 1)
+            raise _ReachedAccuracy()
+
+    try:
+        # labeled=None: the teacher learns from every training label (a transfer set only
+        # hides labels from the student, as in Hinton et al.'s 3 % experiment)
+        train_data = replace(data, labeled=None)
+        if tcfg.get("labeled_only") and data.labeled is not None:  # data distillation's teacher
+            train_data = replace(data, x_train=data.x_train[data.labeled], y_train=data.y_train[data.labeled],
+                                 labeled=None)
+        fit(ce, train_data, optim_cfg=tcfg.optim, epochs=tcfg.epochs, batch_size=tcfg.batch_size,
+            seed=derive_seed(tcfg.seed, "teacher/batches"), eval_batch_size=eval_batch_size,
+            on_epoch=on_epoch, progress=progress, desc="teacher")
+    except _ReachedAccuracy:
+        pass
+    return model.eval()
 
 
 def _load_state(path: str, model: torch.nn.Module, what: str) -> None:
@@ -77,23 +139,122 @@ def _load_state(path: str, model: torch.nn.Module, what: str) -> None:
     state = obj.get("state_dict", obj.get("model", obj)) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
         raise ConfigError(f"{what}={path!r} holds no state dict")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ConfigError(f"{what}={path!r} does not fit this teacher architecture: "
-                          f"{str(e).splitlines()[0]} ...") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ConfigError(f"{what}={path!r} does not fit this teacher architecture: missing {missing[:4]}, "
+                          f"unexpected {unexpected[:4]} (a checkpoint of another architecture?)")
+    wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items()
+             if hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
+    if wrong:
+        last = list(expected)[-2:]  # weight and bias of the output layer
+        classes = [(k, h, w) for k, h, w in wrong if k in last and h[0] != w[0]]
+        k, have, want = classes[0] if classes else wrong[0]
+        hint = (f"for {have[0]} classes, this dataset has {want[0]}" if classes
+                else "for a different input size/channels or model width")
+        raise ConfigError(f"{what}={path!r} does not fit this teacher for this dataset: {k} has shape {have} in "
+                          f"the checkpoint but {want} here ({len(wrong)} tensor(s) differ; trained {hint}?)")
+    model.load_state_dict(state)
+
+
+def _load_option(name: str, where: str):
+    """conf/teacher/<name>.yaml as a plain config (its defaults list dropped)."""
+    folder = os.path.join(config_dir(), "teacher")
+    path = os.path.join(folder, f"{name}.yaml")
+    if not os.path.isfile(path):
+        options = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
+        raise ConfigError(f"{where}: unknown teacher option {name!r}; options: {', '.join(options)}")
+    node = OmegaConf.load(path)
+    node.pop("defaults", None)
+    return node
+
+
+def resolve_teachers(items) -> List[DictConfig]:
+    """`teachers=[...]` -> one validated teacher config per member. A member is a teacher option
+    name (its conf/teacher/<name>.yaml, own recipe included), a mapping {base: NAME, ...}
+    that overrides keys of that option (e.g. {base: cnn, seed: 1}), or a full teacher config."""
+    out = []
+    for i, item in enumerate(items):
+        where = f"teachers[{i}]"
+        if isinstance(item, str):
+            base, extra = item, {}
+        elif isinstance(item, (dict, DictConfig)):
+            extra = OmegaConf.to_container(item, resolve=True) if isinstance(item, DictConfig) else dict(item)
+            base = extra.pop("base", None)
+        else:
+            raise ConfigError(f"{where}={item!r}: give a teacher option name or a mapping such as {{base: cnn, seed: 1}}")
+        node = OmegaConf.structured(TeacherConfig)
+        try:
+            if base is not None:
+                node = OmegaConf.merge(node, _load_option(str(base), where))
+            node = OmegaConf.merge(node, extra)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{where}: {str(e).splitlines()[0]}") from None
+        if OmegaConf.is_missing(node, "arch"):
+            raise ConfigError(f"{where}: no arch; give a teacher option name or base: NAME")
+        validate_teacher(node, where)
+        out.append(node)
+    return out
+
+
+def student_teacher_config(cfg) -> DictConfig:
+    """The teacher of a `teacher_from_student` method (Tf-KD self: "train the student in the
+    normal way, then use it as the teacher"): the student's arch and args trained with the
+    student's recipe (optim, epochs, batch_size), with the teacher's own seed (fixed while
+    student seeds vary), teacher.stop_at_acc and teacher.checkpoint."""
+    t = OmegaConf.to_container(cfg.teacher, resolve=True)
+    t.update(arch=cfg.student.arch, args=OmegaConf.to_container(cfg.student.args, resolve=True),
+             optim=OmegaConf.to_container(cfg.optim, resolve=True), epochs=cfg.epochs, batch_size=cfg.batch_size)
+    return OmegaConf.merge(OmegaConf.structured(TeacherConfig), t)
 
 
 def provide_teacher(cfg, data: Data) -> Tuple[FrozenTeacher, dict]:
-    """-> (frozen teacher, info {source: trained|cache|checkpoint, key, val/acc})."""
-    tcfg = cfg.teacher
+    """-> (frozen teacher, info {source: trained|cache|checkpoint, key, val/acc}); an ensemble's
+    info adds `members` (one such dict per member, with its arch) and its source is the
+    members' common source (or e.g. "cache+trained"). With a domain shift the teacher is trained
+    and evaluated on the source views (the key is then that of the unshifted data)."""
+    data = data.source_only()
+    from_student = get_method(cfg.method.name).teacher_from_student
+    members = list(cfg.get("teachers") or [])
+    if members:
+        if from_student:
+            raise ConfigError(f"method={cfg.method.name} distils from a teacher with the student's own architecture; "
+                              f"it takes no teachers=[...] ensemble")
+        return _provide_ensemble(cfg, data, resolve_teachers(members))
+    tcfg = student_teacher_config(cfg) if from_student else cfg.teacher
+    model, info = _provide_one(tcfg, cfg, data)
+    return FrozenTeacher(model, data.in_shape), info
+
+
+def _provide_ensemble(cfg, data: Data, member_cfgs) -> Tuple[FrozenTeacher, dict]:
+    models, infos = [], []
+    for tcfg in member_cfgs:
+        model, info = _provide_one(tcfg, cfg, data)
+        models.append(model)
+        infos.append({"arch": tcfg.arch, **info})
+    ensemble = EnsembleModel(models).to(data.x_train.device)
+    acc = evaluate(ensemble, data.x_val, data.y_val, cfg.eval_batch_size)["acc"]
+    sources = sorted({i["source"] for i in infos})
+    key = hashlib.sha256(json.dumps([i["key"] for i in infos]).encode()).hexdigest()[:20]
+    log.info("teacher ensemble of %d (%s): val/acc %.4f", len(models), ", ".join(i["arch"] for i in infos), acc)
+    info = {"source": "+".join(sources), "key": f"ensemble-{key}", "val/acc": acc, "members": infos}
+    return FrozenTeacher(ensemble, data.in_shape), info
+
+
+def _provide_one(tcfg, cfg, data: Data) -> Tuple[torch.nn.Module, dict]:
+    """One teacher model (eval mode, on the data's device) and its info."""
     device = data.x_train.device
+    dataset_cfg = cfg.dataset
+    if tcfg.get("classes"):  # pretrained on another class subset (layer transfer), issue 6
+        dataset_cfg = OmegaConf.merge(cfg.dataset, {"classes": list(tcfg.classes)})
+        data = load_dataset(dataset_cfg).to(device)
     model = get_model(tcfg.arch, data.in_shape, data.num_classes, **tcfg.args)
     if tcfg.checkpoint:
         _load_state(os.path.expanduser(tcfg.checkpoint), model, "teacher.checkpoint")
         source, key = "checkpoint", os.path.abspath(tcfg.checkpoint)
     else:
-        key = teacher_key(tcfg, cfg.dataset, data)
+        key = teacher_key(tcfg, dataset_cfg, data)
         folder = os.path.join(os.path.expanduser(cfg.paths.cache_dir), "teachers")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"{tcfg.arch}-{key}.pt")
@@ -108,7 +269,7 @@ def provide_teacher(cfg, data: Data) -> Tuple[FrozenTeacher, dict]:
                                    "config": OmegaConf.to_container(tcfg, resolve=True)}, path)
                 log.info("teacher trained in %.1fs, cached at %s", time.perf_counter() - t0, path)
                 source = "trained"
-    model = model.to(device)
+    model = model.to(device).eval()
     acc = evaluate(model, data.x_val, data.y_val, cfg.eval_batch_size)["acc"]
     log.info("teacher %s (%s): val/acc %.4f", tcfg.arch, source, acc)
-    return FrozenTeacher(model), {"source": source, "key": key, "val/acc": acc}
+    return model, {"source": source, "key": key, "val/acc": acc}

@@ -2,9 +2,8 @@
 from dataclasses import dataclass
 from typing import Optional
 
-import torch.nn.functional as F
-
 from kdexp.config import MethodConfig
+from kdexp.errors import ConfigError
 from kdexp.losses import kd_loss
 from kdexp.methods import Method, register_method
 
@@ -20,9 +19,15 @@ class CE(Method):
     """The student alone on labels: w_ce * CE. Ignores temperature and alpha, so a sweep
     over them still has a baseline row per value."""
     uses_teacher = False
+    uses_unlabeled = False  # dataset.label_fraction < 1: trains on the labeled part only
+
+    def __init__(self, cfg, student, teacher=None):
+        super().__init__(cfg, student, teacher)
+        if not self.w_ce:
+            raise ConfigError("method=ce with method.w_ce=0 has nothing to train; set method.w_ce > 0")
 
     def losses(self, batch):
-        return {"ce": self.w_ce * F.cross_entropy(self.student(batch.x), batch.y)}
+        return self.ce(self.student(batch.x), batch.y)
 
 
 @dataclass

@@ -25,4 +25,4 @@ def get_model(name: str, in_shape: Tuple[int, ...], num_classes: int, **args) ->
     return builder(tuple(in_shape), num_classes, **args)
 
 
-from kdexp.models import classic, resnet  # noqa: E402,F401  (register the models)
+from kdexp.models import classic, cifar  # noqa: E402,F401  (register the models)

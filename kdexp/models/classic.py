@@ -5,6 +5,7 @@ import torch.nn as nn
 
 from kdexp.errors import ConfigError
 from kdexp.models import register_model
+from kdexp.models.taps import set_feature_layers
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
@@ -25,19 +26,23 @@ def cnn(in_shape, num_classes, channels: Tuple[int, ...] = (32, 64, 64), dropout
     """Keras demo teacher: 3x3 convs (32-64-64, ReLU, 'same' padding), max-pool after all
     but the last, flatten, dense to classes."""
     c, h, w = _image_shape("cnn", in_shape)
-    layers = []
+    layers, convs = [], []
     for i, out in enumerate(channels):
+        convs.append(len(layers))
         layers += [nn.Conv2d(c, out, 3, padding=1), nn.ReLU()]
         if i < len(channels) - 1:
             layers.append(_pool(min(h, w)))
             h, w = (h + 1) // 2 if h >= 2 else h, (w + 1) // 2 if w >= 2 else w
         c = out
-    return nn.Sequential(
+    model = nn.Sequential(
         nn.Sequential(*layers),
         nn.Flatten(),
         nn.Dropout(dropout),
         nn.Linear(c * h * w, num_classes),
     )
+    # feature taps: each conv's ReLU output is a stage (its conv output the pre-activation)
+    return set_feature_layers(model, stages=[f"0.{i + 1}" for i in convs], preact=[f"0.{i}" for i in convs],
+                              embedding="1")
 
 
 @register_model("mlp")
@@ -53,7 +58,9 @@ def mlp(in_shape, num_classes, hidden: int = 64, activation: str = "sigmoid", de
         layers += [nn.Linear(d_in, hidden), ACTIVATIONS[activation]()]
         d_in = hidden
     layers.append(nn.Linear(d_in, num_classes))
-    return nn.Sequential(*layers)
+    hidden_layers = range(1, 2 * depth, 2)  # feature taps: the hidden layers (Linear, activation)
+    return set_feature_layers(nn.Sequential(*layers), stages=[str(i + 1) for i in hidden_layers],
+                              preact=[str(i) for i in hidden_layers], embedding=str(2 * depth) if depth else None)
 
 
 @register_model("lenet5")
@@ -61,7 +68,7 @@ def lenet5(in_shape, num_classes) -> nn.Module:
     """LeNet-5 (LeCun et al. 1998) with ReLU and max-pooling; 'same' padding and an adaptive
     pool to 5x5 before the dense layers let it take any input size (32x32 is the classic)."""
     c, _, _ = _image_shape("lenet5", in_shape)
-    return nn.Sequential(
+    model = nn.Sequential(
         nn.Conv2d(c, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
         nn.Conv2d(6, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
         nn.AdaptiveAvgPool2d(5), nn.Flatten(),
@@ -69,3 +76,4 @@ def lenet5(in_shape, num_classes) -> nn.Module:
         nn.Linear(120, 84), nn.ReLU(),
         nn.Linear(84, num_classes),
     )
+    return set_feature_layers(model, stages=["1", "4"], preact=["0", "3"], embedding="11")

@@ -1,0 +1,1 @@
+"""kdexp's Hydra sweeper plugin `fused` (hydra/sweeper=fused); see fused_sweeper.py."""

@@ -1,0 +1,107 @@
+"""Methods that match the teacher's logits beyond Hinton's KD: logit regression (Ba & Caruana
+2014), decoupled KD (DKD, Zhao et al. CVPR 2022) and DIST (Huang et al. NeurIPS 2022).
+
+kdexp's key meanings hold here too: `temperature` softens every soft-target term, `alpha`
+weighs the KD-like term, `beta` the method's own extra term, `w_ce` the CE on labels
+(null -> 1 - alpha). Each config's defaults are its paper's.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from kdexp.config import MethodConfig
+from kdexp.errors import ConfigError
+from kdexp.losses import dist_terms, dkd_terms, logit_mse_loss
+from kdexp.methods import UNLABELED, Method, register_method
+
+
+@dataclass
+class LogitMSEConfig(MethodConfig):
+    name: str = "logit_mse"
+    alpha: float = 1.0  # the paper trains on the teacher's logits alone: w_ce null -> 1 - alpha = 0
+
+
+@register_method("logit_mse", config=LogitMSEConfig)
+class LogitMSE(Method):
+    """Ba & Caruana 2014, "Do deep nets really need to be deep?": the student regresses the
+    teacher's logits, alpha * 1/2 * sum_c (s_c - t_c)^2 (batch mean) + w_ce * CE. The paper uses
+    no labels (alpha=1, w_ce=0). Temperature is accepted and ignored: logits are not softened."""
+
+    def losses(self, batch):
+        s = self.student(batch.x)
+        terms = self.ce(s, batch.y)
+        if self.cfg.alpha:
+            terms["mse"] = self.cfg.alpha * logit_mse_loss(s, self.teacher.logits(batch))
+        return terms
+
+
+@dataclass
+class DKDConfig(MethodConfig):
+    name: str = "dkd"
+    temperature: float = 4.0
+    alpha: float = 1.0  # weight of TCKD (target vs. non-target), the KD-like part
+    beta: float = 8.0  # weight of NCKD (among the non-target classes)
+    w_ce: Optional[float] = 1.0
+    warmup_epochs: int = 20  # the DKD terms' weight ramps as min(epoch / warmup_epochs, 1), epoch from 1; 0: off
+
+
+@register_method("dkd", config=DKDConfig)
+class DKD(Method):
+    """Decoupled KD (Zhao et al. CVPR 2022, arXiv 2203.08679):
+    w_ce * CE + min(epoch / warmup, 1) * (alpha * TCKD + beta * NCKD), both T^2-scaled KL
+    computed in log space (`kdexp.losses.dkd_terms`). Defaults are the paper's CIFAR-100 ones
+    (T=4, alpha=1, beta=8, 20 warm-up epochs, counted from 1 as in the authors' code).
+
+    With a transfer set (dataset.label_fraction < 1) the target class of an unlabeled sample
+    is the teacher's top class. With 2 classes NCKD is identically 0 and a warning says so."""
+
+    def __init__(self, cfg, student, teacher=None):
+        super().__init__(cfg, student, teacher)
+        if cfg.warmup_epochs < 0:
+            raise ConfigError(f"method.warmup_epochs={cfg.warmup_epochs} is out of range: must be >= 0")
+
+    def warmup_factor(self) -> float:
+        w = self.cfg.warmup_epochs
+        return 1.0 if w <= 0 else min((self.epoch + 1) / w, 1.0)
+
+    def losses(self, batch):
+        s = self.student(batch.x)
+        terms = self.ce(s, batch.y)
+        t = self.teacher.logits(batch)
+        target = torch.where(batch.y == UNLABELED, t.argmax(-1), batch.y)
+        tckd, nckd = dkd_terms(s, t, target, self.cfg.temperature)
+        ramp = self.warmup_factor()
+        if self.cfg.alpha:
+            terms["tckd"] = ramp * self.cfg.alpha * tckd
+        if self.cfg.beta:
+            terms["nckd"] = ramp * self.cfg.beta * nckd
+        return terms
+
+
+@dataclass
+class DISTConfig(MethodConfig):
+    name: str = "dist"
+    temperature: float = 1.0
+    alpha: float = 1.0  # weight of the inter-class relation (per sample; the paper's beta)
+    beta: float = 1.0  # weight of the intra-class relation (per class over the batch; the paper's gamma)
+    w_ce: Optional[float] = 1.0
+
+
+@register_method("dist", config=DISTConfig)
+class DIST(Method):
+    """DIST (Huang et al. NeurIPS 2022, arXiv 2205.10536): match relations instead of exact
+    probabilities, w_ce * CE + alpha * T^2 (1 - pearson per sample) + beta * T^2 (1 - pearson
+    per class over the batch) on softmax(logits / T). Defaults: the paper's ImageNet setting
+    (T=1, both weights 1, CE weight 1). `alpha` is the paper's beta and `beta` its gamma, so
+    that alpha keeps weighing the per-sample (KD-like) term as in every kdexp method."""
+
+    def losses(self, batch):
+        s = self.student(batch.x)
+        terms = self.ce(s, batch.y)
+        inter, intra = dist_terms(s, self.teacher.logits(batch), self.cfg.temperature)
+        if self.cfg.alpha:
+            terms["inter"] = self.cfg.alpha * inter
+        if self.cfg.beta:
+            terms["intra"] = self.cfg.beta * intra
+        return terms

@@ -1,0 +1,166 @@
+"""Feature taps: intermediate activations taken by module name with forward hooks, so any
+nn.Module works as is (torchvision models included), with no rewriting of its forward.
+
+A tap is a module name from `model.named_modules()` ("layer2", "layer3.1.bn2"), optionally
+with the suffix ":in" for the module's (first) input instead of its output: e.g. the input
+of a block's final ReLU is the block's pre-activation ("layer1.2.out_relu:in"). When a
+module runs several times in one forward (a shared ReLU), the tap keeps the last call.
+Captured values are clones, so a later in-place op of the model cannot change them.
+
+    with FeatureTap(model, ["layer1", "layer2"]) as feats:
+        logits = model(x)
+    feats["layer1"]                                  # (B, C, H, W), differentiable
+    list_features(model, (3, 32, 32))                # {name: output shape} of every module
+
+Builders of registered models attach default layers per role (`set_feature_layers`): `stem`,
+`stages` (the end of each stage, post-activation), `preact` (the same, before the final
+activation), `embedding` (the penultimate feature vector). Methods use them when their
+`student_layers` / `teacher_layers` config is null.
+"""
+from collections import OrderedDict
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from kdexp.errors import ConfigError
+
+ROLES = ("stem", "stages", "preact", "embedding")
+
+
+def parse_tap(spec: str) -> Tuple[str, str]:
+    """'layer1' -> ('layer1', 'out'); 'layer1.0.relu:in' -> ('layer1.0.relu', 'in')."""
+    if spec.endswith(":in"):
+        return spec[:-3], "in"
+    return spec, "out"
+
+
+def _first_tensor(value, spec: str) -> torch.Tensor:
+    if isinstance(value, (tuple, list)) and value:
+        value = value[0]
+    if not isinstance(value, torch.Tensor):
+        raise ConfigError(f"feature tap {spec!r} does not produce a tensor (got {type(value).__name__})")
+    return value
+
+
+class FeatureTap:
+    """Context manager: while open, forwards of `model` store the tapped values in the dict it
+    returns (keyed by tap spec). Hooks are removed on exit. Unknown module names raise a
+    ConfigError that lists the model's tappable modules (`what` names the model in it)."""
+
+    def __init__(self, model: nn.Module, specs: Sequence[str], what: str = "model"):
+        self.model, self.specs, self.what = model, list(specs), what
+        self.values: Dict[str, torch.Tensor] = {}
+        self._handles: List = []
+        modules = dict(model.named_modules())
+        missing = [s for s in self.specs if parse_tap(s)[0] not in modules or not parse_tap(s)[0]]
+        if missing:
+            raise ConfigError(f"{what} has no module(s) {missing} to tap. Tappable modules (add ':in' for a "
+                              f"module's input): {', '.join(n for n in modules if n)}")
+        self._modules = {s: modules[parse_tap(s)[0]] for s in self.specs}
+
+    def __enter__(self) -> Dict[str, torch.Tensor]:
+        self.values.clear()
+        for spec, module in self._modules.items():
+            if parse_tap(spec)[1] == "in":
+                # a pre-hook: an in-place module (ReLU(inplace=True)) overwrites its input
+                def pre_hook(mod, inputs, spec=spec):
+                    self.values[spec] = _first_tensor(inputs, spec).clone()
+                self._handles.append(module.register_forward_pre_hook(pre_hook))
+            else:
+                def hook(mod, inputs, output, spec=spec):
+                    self.values[spec] = _first_tensor(output, spec).clone()
+                self._handles.append(module.register_forward_hook(hook))
+        return self.values
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def run_with_features(model: nn.Module, x: torch.Tensor, specs: Sequence[str],
+                      what: str = "model") -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """One forward of `model` on `x` -> (output, {spec: tapped value}). Fails if a tapped
+    module did not run."""
+    with FeatureTap(model, specs, what) as values:
+        out = model(x)
+    missing = [s for s in specs if s not in values]
+    if missing:
+        raise ConfigError(f"{what}: module(s) {missing} did not run in the forward pass")
+    return out, dict(values)
+
+
+@torch.no_grad()
+def _probe(model: nn.Module, in_shape: Tuple[int, ...], specs: Optional[Sequence[str]] = None):
+    """Run a zero batch of 2 through `model` in eval mode (restoring its mode)."""
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(iter(model.parameters()), None)
+        x = torch.zeros(2, *in_shape, device=param.device if param is not None else "cpu")
+        if specs is not None:
+            return run_with_features(model, x, specs)[1]
+        shapes: "OrderedDict[str, Tuple[int, ...]]" = OrderedDict()
+        handles = []
+        for name, module in model.named_modules():
+            if not name:
+                continue
+
+            def hook(mod, inputs, output, name=name):
+                if isinstance(output, torch.Tensor):
+                    shapes[name] = tuple(output.shape[1:])
+                    shapes.move_to_end(name)  # order of the last call
+            handles.append(module.register_forward_hook(hook))
+        try:
+            model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        return shapes
+    finally:
+        model.train(was_training)
+
+
+def list_features(model: nn.Module, in_shape: Iterable[int]) -> "OrderedDict[str, Tuple[int, ...]]":
+    """Every tappable module of `model` with the shape (without the batch dimension) of its
+    output for inputs of shape `in_shape`, in execution order. Modules that do not run (or
+    return no tensor) are left out."""
+    return _probe(model, tuple(in_shape))
+
+
+def feature_shapes(model: nn.Module, specs: Sequence[str], in_shape: Iterable[int],
+                   what: str = "model") -> List[Tuple[int, ...]]:
+    """Shapes (without batch) of the tapped values for inputs of shape `in_shape`. A missing
+    name fails with the list of tappable modules and their output shapes."""
+    in_shape = tuple(in_shape)
+    modules = dict(model.named_modules())
+    missing = [s for s in specs if not parse_tap(s)[0] or parse_tap(s)[0] not in modules]
+    if missing:
+        listing = ", ".join(f"{n} {tuple(s)}" for n, s in list_features(model, in_shape).items())
+        raise ConfigError(f"{what} has no module(s) {missing} to tap. Tappable modules (output shape "
+                          f"for input {in_shape}; add ':in' for a module's input): {listing}")
+    values = _probe(model, in_shape, specs)
+    return [tuple(values[s].shape[1:]) for s in specs]
+
+
+def set_feature_layers(model: nn.Module, *, stages: Sequence[str], preact: Optional[Sequence[str]] = None,
+                       embedding: Optional[str] = None, stem: Optional[str] = None) -> nn.Module:
+    """Attach the default tap names of a model (used when a method's layer config is null)."""
+    model.feature_layers = {"stem": stem, "stages": list(stages),
+                            "preact": list(preact) if preact is not None else list(stages),
+                            "embedding": embedding}
+    return model
+
+
+def default_layers(model: nn.Module, role: str, what: str = "model") -> List[str]:
+    """The model's default tap names for `role` (a list; one name for stem/embedding)."""
+    if role not in ROLES:
+        raise ValueError(f"unknown feature role {role!r}; one of {ROLES}")
+    table = getattr(model, "feature_layers", None)
+    value = table.get(role) if table else None
+    if not value:
+        raise ConfigError(f"{what} ({type(model).__name__}) has no default '{role}' feature layer(s); set "
+                          f"them in the method config (student_layers / teacher_layers). List the candidates "
+                          f"with kdexp.models.taps.list_features(model, in_shape).")
+    return [value] if isinstance(value, str) else list(value)
