@@ -27,6 +27,36 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return temperature ** 2 * kl_div_log(soften(teacher_logits, temperature), soften(student_logits, temperature))
 
 
+class _SoftKD(torch.autograd.Function):
+    """weight * T^2 * KL(p || softmax(s/T)), batchmean, from the teacher's softened probabilities p
+    and their sum p log p; backward is the closed form weight * T * (softmax(s/T) - p) / B."""
+
+    @staticmethod
+    def forward(ctx, s, p, neg_entropy, temperature, weight):
+        log_q = torch.log_softmax(s / temperature, dim=-1)
+        ctx.save_for_backward(log_q, p)
+        ctx.scale = weight * temperature / s.shape[0]
+        kl_sum = neg_entropy.sum() - torch.dot(p.reshape(-1), log_q.reshape(-1))
+        return kl_sum * (weight * temperature * temperature / s.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        log_q, p = ctx.saved_tensors
+        return (log_q.exp() - p) * (grad * ctx.scale), None, None, None, None
+
+
+def kd_loss_soft(student_logits: torch.Tensor, teacher_probs: torch.Tensor, teacher_neg_entropy: torch.Tensor,
+                 temperature: float, weight: float = 1.0) -> torch.Tensor:
+    """weight * kd_loss(s, t, T), given the teacher's softened distribution p = softmax(t/T) (B, C)
+    and its negative entropy sum_c p log p (B,) instead of its logits t: what the teacher-output
+    cache serves per temperature (kdexp.engine.teacher_cache), so a step does no teacher-side
+    softmax. KL(p || q) = sum p log p - sum p log q. Same value and gradient as
+    `weight * kd_loss` (to float rounding); the gradient is the closed form
+    weight * T * (softmax(s/T) - p) / B (one backward node: the KD term costs about half).
+    First-order only (no double backward)."""
+    return _SoftKD.apply(student_logits, teacher_probs, teacher_neg_entropy, float(temperature), float(weight))
+
+
 # ---------------------------------------------------------------------------------------
 # Logit-level and teacher-free distillation (issue 4): logit regression, LSR, Tf-KD's
 # virtual teacher, DKD, DIST, mutual learning, teacher ensembles, the MEAL V2 discriminator.

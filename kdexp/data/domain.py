@@ -183,7 +183,7 @@ def parse_steps(items: Sequence[Any], defaults: Optional[dict] = None, key: str 
     parameters missing from a mapping come from `defaults` (the domain config's keys)."""
     defaults = dict(defaults or {})
     steps: List[Step] = []
-    for i, item in enumerate(_plain(list(items))):
+    for i, item in enumerate([_plain(it) for it in _plain(items)]):
         where = f"{key}[{i}]"
         if isinstance(item, str):
             name, given = item, {}

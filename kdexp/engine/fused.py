@@ -291,7 +291,7 @@ def _fit_fused(runs: List[_Student], data, teacher, tinfo, cfg0, accel, describe
     zero = torch.zeros((), device=device)
     if is_kd:
         p_table, negh_table = _soft_tables(teacher, view, temps)
-        fill_s = teacher.take_fill_seconds()  # teacher time, before the first epoch
+        fill_s = teacher.take_fill_seconds()[0]  # teacher time, before the first epoch
         for r in runs:
             r.logger.record["teacher_cache"]["fill_s"] = round(fill_s, 4)
     shared_batches = len({c.seed for c in cfgs}) == 1
@@ -306,7 +306,7 @@ def _fit_fused(runs: List[_Student], data, teacher, tinfo, cfg0, accel, describe
     for r in runs:
         r.method.train()
     for epoch in range(cfg0.epochs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for r in runs:
             r.method.epoch = epoch
         per = [epoch_batches(data, r.method, cfg0.batch_size, steps, r.gen) for r in runs]
@@ -356,8 +356,9 @@ def _fit_fused(runs: List[_Student], data, teacher, tinfo, cfg0, accel, describe
             sums["ce"] += ce.detach().double() * w
             sums["kd"] += kd.detach().double() * w
         scheduler.step()
-        train_s = time.perf_counter() - t0 - (teacher.take_fill_seconds() if teacher is not None else 0.0)
-        share = train_s / n_students
+        fill_s, fill_cpu_s = teacher.take_fill_seconds() if teacher is not None else (0.0, 0.0)
+        train_s = time.perf_counter() - t0 - fill_s
+        share, cpu_share = train_s / n_students, (time.process_time() - c0 - fill_cpu_s) / n_students
         loss_sum, ce_sum, kd_sum = (sums[k].tolist() for k in ("loss", "ce", "kd"))
         opt_sd = optimizer.state_dict()
         with torch.no_grad():
@@ -379,7 +380,7 @@ def _fit_fused(runs: List[_Student], data, teacher, tinfo, cfg0, accel, describe
                 metrics["train/loss_kd"] = kd_sum[i]
             val = evaluate(r.method.student, data.x_val, data.y_val, cfg.eval_batch_size)
             metrics.update({"val/acc": val["acc"], "val/loss": val["loss"], "lr": optimizer.param_groups[0]["lr"],
-                            "time/epoch_s": share, "time/samples_per_s": n / share})
+                            "time/epoch_s": share, "time/samples_per_s": n / share, "time/epoch_cpu_s": cpu_share})
             r.history.append(metrics)
             r.logger.epoch(epoch, metrics)
             log.info("epoch %d/%d  train/loss %.4f  val/acc %.4f  val/loss %.4f  (%.2fs, fused %d: %s)", epoch + 1,

@@ -45,7 +45,7 @@ class TeacherCache:
         self.hits = 0
         self.online_calls = 0
         self.fill_s = 0.0  # seconds spent in the one-off passes (all of them)
-        self._untaken_s = 0.0  # of which not yet collected by `take_fill_seconds`
+        self._untaken = (0.0, 0.0)  # (wall, CPU) seconds not yet collected by `take_fill_seconds`
 
     # -- the FrozenTeacher API ---------------------------------------------------------------
     @property
@@ -117,9 +117,9 @@ class TeacherCache:
         if key not in self._soft:
             if view not in self._logits:
                 self._fill(view, ())
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             self._soft[key] = _soft(self._logits[view], temperature)
-            self._add_time(time.perf_counter() - t0)
+            self._add_time(time.perf_counter() - t0, time.process_time() - c0)
         self.hits += 1
         p, neg_entropy = self._soft[key]
         return p[batch.idx], neg_entropy[batch.idx]
@@ -143,7 +143,7 @@ class TeacherCache:
 
     def _fill(self, view: str, names: Sequence[str]) -> None:
         """One pass of the teacher over all samples of `view` in chunks: logits (and `names`)."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         x = self._views[view]
         n = len(x)
         logits, feats = [], {name: [] for name in names}
@@ -164,20 +164,20 @@ class TeacherCache:
         for name in names:
             self._features[(view, name)] = torch.cat(feats[name])
         dt = time.perf_counter() - t0
-        self._add_time(dt)
+        self._add_time(dt, time.process_time() - c0)
         what = "logits" + (f" and features {list(names)}" if names else "")
         log.info("teacher cache: %s of %d samples of view %r computed in %.2fs (%.1f MB)", what, n, view, dt,
                  self.nbytes() / 2 ** 20)
 
-    def _add_time(self, dt: float) -> None:
-        self.fill_s += dt
-        self._untaken_s += dt
+    def _add_time(self, wall: float, cpu: float) -> None:
+        self.fill_s += wall
+        self._untaken = (self._untaken[0] + wall, self._untaken[1] + cpu)
 
-    def take_fill_seconds(self) -> float:
-        """Seconds of one-off teacher passes since the last call (the fit loop leaves them out of
-        the student's epoch time and reports them as teacher time)."""
-        dt, self._untaken_s = self._untaken_s, 0.0
-        return dt
+    def take_fill_seconds(self) -> Tuple[float, float]:
+        """(wall, CPU) seconds of one-off teacher passes since the last call: the fit loop leaves
+        them out of the student's epoch time (they are teacher time, reported as fill_s)."""
+        out, self._untaken = self._untaken, (0.0, 0.0)
+        return out
 
     def nbytes(self) -> int:
         tensors = list(self._logits.values()) + list(self._features.values())
@@ -214,7 +214,7 @@ def wrap_teacher(teacher, cfg, method_cls, data) -> Tuple[object, dict]:
     return teacher, {"enabled": False, "reason": reason}
 
 
-def take_fill_seconds(method) -> float:
-    """Seconds the method's teacher cache spent on one-off passes since the last call (0 without one)."""
+def take_fill_seconds(method) -> Tuple[float, float]:
+    """(wall, CPU) seconds the method's teacher cache spent on one-off passes since the last call."""
     take = getattr(getattr(method, "teacher", None), "take_fill_seconds", None)
-    return take() if callable(take) else 0.0
+    return take() if callable(take) else (0.0, 0.0)

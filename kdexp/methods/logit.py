@@ -4,7 +4,7 @@ from typing import Optional
 
 from kdexp.config import MethodConfig
 from kdexp.errors import ConfigError
-from kdexp.losses import kd_loss
+from kdexp.losses import kd_loss, kd_loss_soft
 from kdexp.methods import Method, register_method
 
 
@@ -43,5 +43,10 @@ class KD(Method):
         s = self.student(batch.x)
         terms = self.ce(s, batch.y)
         if self.cfg.alpha:
-            terms["kd"] = self.cfg.alpha * kd_loss(s, self.teacher.logits(batch), self.cfg.temperature)
+            soft = getattr(self.teacher, "soft_targets", None)
+            if soft is not None:  # teacher-output cache: softened probabilities cached per T (same value)
+                p, neg_entropy = soft(batch, self.cfg.temperature)
+                terms["kd"] = kd_loss_soft(s, p, neg_entropy, self.cfg.temperature, self.cfg.alpha)
+            else:
+                terms["kd"] = self.cfg.alpha * kd_loss(s, self.teacher.logits(batch), self.cfg.temperature)
         return terms

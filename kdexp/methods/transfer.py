@@ -256,10 +256,9 @@ class MultitaskConfig(MethodConfig):
     w_ce: Optional[float] = 1.0  # weight of the main task (the dataset's labels, the student's own head)
     alpha: float = 0.0  # no distillation term
     beta: float = 1.0  # default weight of each auxiliary task
-    # auxiliary tasks: name -> label map over the (remapped) classes 0..k-1: main label c gets
-    # auxiliary label map[c], -1 = no label for this task (a head per task on the shared trunk)
-    tasks: Dict[str, List[int]] = field(default_factory=lambda: {"parity": [0, 1, 0, 1, 0, 1, 0, 1, 0, 1]})
-    weights: Dict[str, float] = field(default_factory=dict)  # per-task weights (default beta)
+    # auxiliary tasks, each {name: NAME, labels: [...], weight: w (default beta)}: labels is a map over the
+    # (remapped) classes 0..k-1, main label c gets auxiliary label labels[c]; -1 = no label for this task
+    tasks: List[Any] = field(default_factory=lambda: [{"name": "parity", "labels": [0, 1, 0, 1, 0, 1, 0, 1, 0, 1]}])
     layer: Optional[str] = None  # the trunk's output (a student feature tap); null: the student's embedding
 
 
@@ -268,7 +267,7 @@ class Multitask(Method):
     """One shared trunk, a head per task: the student is the trunk plus the main head (its own last
     layer, on the dataset's labels); each auxiliary task adds a linear head on the trunk's output
     (`layer`) with labels derived from the main ones by a label map (e.g. parity, or the classes
-    0-4 and 5-9 as two tasks). Loss: w_ce * CE_main + sum_k w_k * CE_k (w_k = weights[k] or beta).
+    0-4 and 5-9 as two tasks). Loss: w_ce * CE_main + sum_k w_k * CE_k (w_k: the task's weight or beta).
     Each head's accuracy is logged as val/acc_<task> (the val/acc view)."""
     uses_teacher = False
 
@@ -276,17 +275,24 @@ class Multitask(Method):
         super().__init__(cfg, student, teacher)
         if not cfg.tasks:
             raise ConfigError("method=multitask needs at least one auxiliary task in method.tasks")
-        unknown = sorted(set(cfg.weights) - set(cfg.tasks))
-        if unknown:
-            raise ConfigError(f"method.weights names unknown task(s) {unknown}; tasks: {sorted(cfg.tasks)}")
         self.layer = _embedding_layer(student, cfg.layer, "method.layer")
         self.maps: Dict[str, List[int]] = {}
+        self.weights: Dict[str, float] = {}
         heads = {}
-        for name, mapping in cfg.tasks.items():
-            mapping = [int(v) for v in mapping]
+        for i, task in enumerate(cfg.tasks):
+            where = f"method.tasks[{i}]"
+            if not hasattr(task, "get") or not task.get("name") or task.get("labels") is None:
+                raise ConfigError(f"{where}={task!r}: give {{name: NAME, labels: [label per class], weight: w}}")
+            unknown = sorted(set(task) - {"name", "labels", "weight"})
+            if unknown:
+                raise ConfigError(f"{where}: unknown key(s) {unknown}; valid: name, labels, weight")
+            name, mapping = str(task["name"]), [int(v) for v in task["labels"]]
+            if name in self.maps or not name.isidentifier():
+                raise ConfigError(f"{where}: task name {name!r} must be a unique identifier")
             if not mapping or max(mapping) < 0 or min(mapping) < -1:
-                raise ConfigError(f"method.tasks.{name}={mapping}: labels are >= 0 (-1: no label)")
+                raise ConfigError(f"{where}: labels {mapping} must be >= 0 (-1: no label)")
             self.maps[name] = mapping
+            self.weights[name] = float(task.get("weight", cfg.beta))
             heads[name] = nn.Sequential(nn.Flatten(), nn.LazyLinear(max(mapping) + 1))
         self.heads = nn.ModuleDict(heads)
         for name in self.maps:
@@ -299,7 +305,7 @@ class Multitask(Method):
     def prepare(self, data, device):
         for name, mapping in self.maps.items():
             if len(mapping) != data.num_classes:
-                raise ConfigError(f"method.tasks.{name} maps {len(mapping)} classes but the dataset has "
+                raise ConfigError(f"method.tasks {name!r} maps {len(mapping)} classes but the dataset has "
                                   f"{data.num_classes} (after dataset.classes); give one entry per class")
         with torch.no_grad():  # materialize the heads (their input size is the trunk's output)
             self._forward(data.x_train[:2])
@@ -312,7 +318,7 @@ class Multitask(Method):
         logits, aux = self._forward(batch.x)
         terms = self.ce(logits, batch.y)
         for name, out in aux.items():
-            w = self.cfg.weights.get(name, self.cfg.beta)
+            w = self.weights[name]
             if not w:
                 continue
             y = self._aux_labels(name, batch.y)
@@ -407,8 +413,13 @@ class DataDistill(Method):
         pseudo[unl[keep]] = label[keep]
         self.pseudo = pseudo
         kept = int(keep.sum())
-        acc = (label[keep] == data.y_train[unl][keep]).float().mean().item() if kept else float("nan")
-        self.stats = {"train/pseudo_labels": kept / max(len(unl), 1), "train/pseudo_label_acc": acc}
+        self.stats = {"train/pseudo_labels": kept / max(len(unl), 1)}
+        if not kept:
+            log.warning("data_distill: no unlabeled sample reaches method.threshold=%.2f: the student learns from "
+                        "the labeled samples alone", self.cfg.threshold)
+            return
+        acc = (label[keep] == data.y_train[unl][keep]).float().mean().item()
+        self.stats["train/pseudo_label_acc"] = acc
         log.info("data_distill: %d of %d unlabeled samples pseudo-labeled (threshold %.2f, %d transforms); "
                  "their accuracy against the hidden labels: %.4f", kept, len(unl), self.cfg.threshold,
                  len(self.steps), acc)
