@@ -63,7 +63,7 @@ class FeatureMethod(Method):
 
     def __init__(self, cfg, student: nn.Module, teacher=None):
         super().__init__(cfg, student, teacher)
-        if not (self.w_ce or cfg.alpha or cfg.beta or getattr(cfg, "init_epochs", 0)):
+        if not (self.w_ce or cfg.alpha or cfg.beta):
             raise ConfigError(f"method={cfg.name}: method.w_ce, method.alpha and method.beta are all 0; "
                               f"nothing to train")
         self.s_layers: List[str] = []

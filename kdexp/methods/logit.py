@@ -39,14 +39,19 @@ class KDConfig(MethodConfig):
 class KD(Method):
     """Hinton et al. 2015: w_ce * CE + alpha * T^2 * KL(p_t^T || p_s^T); w_ce defaults to 1 - alpha."""
 
+    def __init__(self, cfg, student, teacher=None):
+        super().__init__(cfg, student, teacher)
+        # plain floats: reading a DictConfig every step costs more than the cached KD term itself
+        self.alpha, self.temperature = float(cfg.alpha), float(cfg.temperature)
+
     def losses(self, batch):
         s = self.student(batch.x)
         terms = self.ce(s, batch.y)
-        if self.cfg.alpha:
+        if self.alpha:
             soft = getattr(self.teacher, "soft_targets", None)
             if soft is not None:  # teacher-output cache: softened probabilities cached per T (same value)
-                p, neg_entropy = soft(batch, self.cfg.temperature)
-                terms["kd"] = kd_loss_soft(s, p, neg_entropy, self.cfg.temperature, self.cfg.alpha)
+                p, neg_entropy = soft(batch, self.temperature)
+                terms["kd"] = kd_loss_soft(s, p, neg_entropy, self.temperature, self.alpha)
             else:
-                terms["kd"] = self.cfg.alpha * kd_loss(s, self.teacher.logits(batch), self.cfg.temperature)
+                terms["kd"] = self.alpha * kd_loss(s, self.teacher.logits(batch), self.temperature)
         return terms
