@@ -27,34 +27,61 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return temperature ** 2 * kl_div_log(soften(teacher_logits, temperature), soften(student_logits, temperature))
 
 
-class _SoftKD(torch.autograd.Function):
-    """weight * T^2 * KL(p || softmax(s/T)), batchmean, from the teacher's softened probabilities p
-    and their sum p log p; backward is the closed form weight * T * (softmax(s/T) - p) / B."""
+class _SoftKDCE(torch.autograd.Function):
+    """(w_ce * CE, alpha * T^2 * KL(p || softmax(s/T))) with closed-form gradients, from the
+    teacher's softened probabilities p and their sum p log p: one autograd node for both terms."""
 
     @staticmethod
-    def forward(ctx, s, p, neg_entropy, temperature, weight):
-        log_q = torch.log_softmax(s / temperature, dim=-1)
-        ctx.save_for_backward(log_q, p)
-        ctx.scale = weight * temperature / s.shape[0]
-        kl_sum = neg_entropy.sum() - torch.dot(p.reshape(-1), log_q.reshape(-1))
-        return kl_sum * (weight * temperature * temperature / s.shape[0])
+    def forward(ctx, s, y, p, neg_entropy, temperature, w_ce, alpha, ignore_index, all_labeled):
+        b = s.shape[0]
+        log_q = torch.log_softmax(s * (1.0 / temperature), dim=-1)
+        kd = (neg_entropy.sum() - torch.dot(p.reshape(-1), log_q.reshape(-1))) * (alpha * temperature ** 2 / b)
+        ctx.c = (alpha * temperature / b, w_ce, ignore_index, all_labeled)
+        if not w_ce:
+            ctx.save_for_backward(log_q, p)
+            return torch.zeros_like(kd), kd
+        log_p = torch.log_softmax(s, dim=-1)
+        if all_labeled:
+            n = torch.full((), float(b), dtype=s.dtype, device=s.device)
+            nll = F.nll_loss(log_p, y, reduction="sum")
+        else:
+            n = (y != ignore_index).sum().clamp_min(1).to(s.dtype)
+            nll = F.nll_loss(log_p, y, ignore_index=ignore_index, reduction="sum")
+        ctx.save_for_backward(log_q, p, log_p, y, n)
+        return nll * w_ce / n, kd
 
     @staticmethod
-    def backward(ctx, grad):
-        log_q, p = ctx.saved_tensors
-        return (log_q.exp() - p) * (grad * ctx.scale), None, None, None, None
+    def backward(ctx, g_ce, g_kd):
+        kd_scale, w_ce, ignore_index, all_labeled = ctx.c
+        log_q, p = ctx.saved_tensors[:2]
+        grad = (log_q.exp() - p) * (g_kd * kd_scale)
+        if w_ce:
+            log_p, y, n = ctx.saved_tensors[2:]
+            g = log_p.exp()  # softmax(s) - one_hot(y) on labeled rows
+            target = y if all_labeled else y.clamp_min(0)
+            g.scatter_add_(1, target.unsqueeze(1), torch.full_like(g[:, :1], -1.0))
+            if not all_labeled:
+                g = g * (y != ignore_index).unsqueeze(1)
+            grad = grad + g * (g_ce * w_ce / n)
+        return grad, None, None, None, None, None, None, None, None
 
 
-def kd_loss_soft(student_logits: torch.Tensor, teacher_probs: torch.Tensor, teacher_neg_entropy: torch.Tensor,
-                 temperature: float, weight: float = 1.0) -> torch.Tensor:
-    """weight * kd_loss(s, t, T), given the teacher's softened distribution p = softmax(t/T) (B, C)
-    and its negative entropy sum_c p log p (B,) instead of its logits t: what the teacher-output
-    cache serves per temperature (kdexp.engine.teacher_cache), so a step does no teacher-side
-    softmax. KL(p || q) = sum p log p - sum p log q. Same value and gradient as
-    `weight * kd_loss` (to float rounding); the gradient is the closed form
-    weight * T * (softmax(s/T) - p) / B (one backward node: the KD term costs about half).
-    First-order only (no double backward)."""
-    return _SoftKD.apply(student_logits, teacher_probs, teacher_neg_entropy, float(temperature), float(weight))
+def kd_ce_loss_soft(student_logits: torch.Tensor, labels: torch.Tensor, teacher_probs: torch.Tensor,
+                    teacher_neg_entropy: torch.Tensor, temperature: float, w_ce: float, alpha: float,
+                    ignore_index: int = -1, all_labeled: bool = False):
+    """KD's two terms at once -> (w_ce * CE, alpha * kd_loss(s, t, T)), given the teacher's softened
+    distribution p = softmax(t/T) (B, C) and its negative entropy sum_c p log p (B,) instead of its
+    logits t: what the teacher-output cache serves per temperature (kdexp.engine.teacher_cache), so
+    a step does no teacher-side softmax (KL(p || q) = sum p log p - sum p log q).
+
+    CE is the mean over the labeled samples (labels != ignore_index; 0 when there are none), as
+    `Method.ce`; `all_labeled=True` promises there is no ignore_index label (skips the count).
+    Values and gradients equal `w_ce * CE + alpha * kd_loss` to float rounding; the gradients are
+    the closed forms w_ce * (softmax(s) - one_hot(y)) / n + alpha * T * (softmax(s/T) - p) / B in one
+    autograd node, which makes a cached KD step cost about what a CE step costs. w_ce=0: the CE
+    output is 0 (not computed). First-order only (no double backward)."""
+    return _SoftKDCE.apply(student_logits, labels, teacher_probs, teacher_neg_entropy, float(temperature),
+                           float(w_ce), float(alpha), int(ignore_index), bool(all_labeled))
 
 
 # ---------------------------------------------------------------------------------------

@@ -61,7 +61,9 @@ class FrozenTeacher:
 class EnsembleModel(nn.Module):
     """Teacher ensemble as one model: its logits are log(mean_m softmax(z_m)), the log of the
     members' averaged softmax outputs (`kdexp.losses.ensemble_log_probs`). Softening them with T
-    gives p_bar^(1/T) renormalized (T=1: exactly the average)."""
+    gives p_bar^(1/T) renormalized (T=1: exactly the average). Convention: the average is taken
+    at T=1 and then softened, not the average of the members' softened outputs, so that every
+    method (and the teacher-output cache) sees an ensemble as one model with logits."""
 
     def __init__(self, members):
         super().__init__()

@@ -84,7 +84,7 @@ class TeacherCache:
         if view not in self._logits:
             self._fill(view, ())
         self.hits += 1
-        return self._logits[view][batch.idx]
+        return self._logits[view].index_select(0, batch.idx)
 
     @torch.no_grad()
     def features(self, batch: Batch, names: Sequence[str]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -102,7 +102,7 @@ class TeacherCache:
             self._fill(view, missing)
         self.hits += 1
         idx = batch.idx
-        return self._logits[view][idx], {n: self._features[(view, n)][idx] for n in names}
+        return self._logits[view].index_select(0, idx), {n: self._features[(view, n)].index_select(0, idx) for n in names}
 
     @torch.no_grad()
     def soft_targets(self, batch: Batch, temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +122,7 @@ class TeacherCache:
             self._add_time(time.perf_counter() - t0, time.process_time() - c0)
         self.hits += 1
         p, neg_entropy = self._soft[key]
-        return p[batch.idx], neg_entropy[batch.idx]
+        return p.index_select(0, batch.idx), neg_entropy.index_select(0, batch.idx)
 
     # -- filling -------------------------------------------------------------------------------
     def _fits(self, view: str, names: Sequence[str]) -> bool:

@@ -59,8 +59,6 @@ class _TSBase(Method):
         super().__init__(cfg, student, teacher)
         _check_match(cfg)
         _label_free(cfg)
-        if teacher is None:
-            raise ConfigError(f"method={cfg.name} needs a teacher")
 
     def losses(self, batch):
         t = self.teacher.logits(batch)  # the teacher on the SOURCE view (cached per sample)
@@ -85,7 +83,8 @@ class TSAdapt(_TSBase):
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)
-        load_teacher_weights(student, teacher, "ts_adapt")
+        if teacher is not None:  # None: constructed for inspection only (the runner always gives one)
+            load_teacher_weights(student, teacher, "ts_adapt")
 
 
 class IdentityLinear(nn.Module):
@@ -157,6 +156,8 @@ class TSAdapter(_TSBase):
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)
+        if teacher is None:  # constructed for inspection only: no adapter without the teacher's input shape
+            return
         in_shape = getattr(teacher, "in_shape", None)
         if in_shape is None:
             raise ConfigError("method=ts_adapter needs the teacher's input shape (FrozenTeacher(model, in_shape))")

@@ -4,8 +4,8 @@ from typing import Optional
 
 from kdexp.config import MethodConfig
 from kdexp.errors import ConfigError
-from kdexp.losses import kd_loss, kd_loss_soft
-from kdexp.methods import Method, register_method
+from kdexp.losses import kd_ce_loss_soft, kd_loss
+from kdexp.methods import UNLABELED, Method, register_method
 
 
 @dataclass
@@ -46,12 +46,15 @@ class KD(Method):
 
     def losses(self, batch):
         s = self.student(batch.x)
+        soft = getattr(self.teacher, "soft_targets", None)
+        if self.alpha and soft is not None:
+            # teacher-output cache: softened probabilities cached per T; both terms in one autograd
+            # node (same values and gradients as self.ce + kd_loss below)
+            p, neg_entropy = soft(batch, self.temperature)
+            ce, kd = kd_ce_loss_soft(s, batch.y, p, neg_entropy, self.temperature, self.w_ce or 0.0, self.alpha,
+                                     UNLABELED, all_labeled=batch.labeled is None)
+            return {"ce": ce, "kd": kd} if self.w_ce else {"kd": kd}
         terms = self.ce(s, batch.y)
         if self.alpha:
-            soft = getattr(self.teacher, "soft_targets", None)
-            if soft is not None:  # teacher-output cache: softened probabilities cached per T (same value)
-                p, neg_entropy = soft(batch, self.temperature)
-                terms["kd"] = kd_loss_soft(s, p, neg_entropy, self.temperature, self.alpha)
-            else:
-                terms["kd"] = self.alpha * kd_loss(s, self.teacher.logits(batch), self.temperature)
+            terms["kd"] = self.alpha * kd_loss(s, self.teacher.logits(batch), self.temperature)
         return terms

@@ -110,6 +110,7 @@ class FinetuneConfig(MethodConfig):
     freeze: List[str] = field(default_factory=list)  # module names kept at the pretrained weights
     freeze_first: int = 0  # also freeze the first k Conv/Linear layers (and the norms between them)
     reinit: List[str] = field(default_factory=list)  # modules re-initialized instead of copied (e.g. the head)
+    pretrained: bool = True  # false: no weights copied, the student's own initialization (the from-scratch row)
 
 
 @register_method("finetune", config=FinetuneConfig)
@@ -120,7 +121,7 @@ class Finetune(Method):
     L2-SP (Li et al. 2018) pulls the trainable pretrained weights towards their start:
     w_ce * CE + beta/2 * ||w_S - w_S^0||^2 + l2_new/2 * ||w_new||^2. With a domain shift it trains
     on the target view (domain.train_view overrides). The teacher may be pretrained on other
-    classes (teacher.classes)."""
+    classes (teacher.classes). pretrained=false copies nothing: the same recipe from scratch."""
     train_view = "target"
     teacher_outputs = False
     uses_unlabeled = False
@@ -139,7 +140,8 @@ class Finetune(Method):
         if both:
             raise ConfigError(f"method.reinit {both} overlaps the frozen modules {frozen}: a frozen re-initialized "
                               f"layer would stay random")
-        load_teacher_weights(student, teacher, "finetune", skip=reinit)
+        if teacher is not None and cfg.pretrained:  # teacher None: constructed for inspection only
+            load_teacher_weights(student, teacher, "finetune", skip=reinit)
         for m in _modules_by_name(student, reinit, "method.reinit"):
             _reset(m)
         for m in _modules_by_name(student, frozen, "method.freeze"):
@@ -235,8 +237,8 @@ class Progressive(Method):
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)
-        if teacher is None:
-            raise ConfigError("method=progressive needs the teacher as its first column")
+        if teacher is None:  # constructed for inspection only: the teacher is the first column
+            return
         old = copy.deepcopy(teacher.model)
         src, dst = old.state_dict(), student.state_dict()
         if set(src) != set(dst):
