@@ -41,14 +41,13 @@ class _SoftKDCE(torch.autograd.Function):
             ctx.save_for_backward(log_q, p)
             return torch.zeros_like(kd), kd
         log_p = torch.log_softmax(s, dim=-1)
-        if all_labeled:
-            n = torch.full((), float(b), dtype=s.dtype, device=s.device)
-            nll = F.nll_loss(log_p, y, reduction="sum")
-        else:
-            n = (y != ignore_index).sum().clamp_min(1).to(s.dtype)
-            nll = F.nll_loss(log_p, y, ignore_index=ignore_index, reduction="sum")
+        if all_labeled:  # n = b: no count, no ignore_index
+            ctx.n = float(b)
+            ctx.save_for_backward(log_q, p, log_p, y)
+            return F.nll_loss(log_p, y, reduction="sum") * (w_ce / b), kd
+        n = (y != ignore_index).sum().clamp_min(1).to(s.dtype)
         ctx.save_for_backward(log_q, p, log_p, y, n)
-        return nll * w_ce / n, kd
+        return F.nll_loss(log_p, y, ignore_index=ignore_index, reduction="sum") * w_ce / n, kd
 
     @staticmethod
     def backward(ctx, g_ce, g_kd):
@@ -56,13 +55,14 @@ class _SoftKDCE(torch.autograd.Function):
         log_q, p = ctx.saved_tensors[:2]
         grad = (log_q.exp() - p) * (g_kd * kd_scale)
         if w_ce:
-            log_p, y, n = ctx.saved_tensors[2:]
-            g = log_p.exp()  # softmax(s) - one_hot(y) on labeled rows
-            target = y if all_labeled else y.clamp_min(0)
-            g.scatter_add_(1, target.unsqueeze(1), torch.full_like(g[:, :1], -1.0))
-            if not all_labeled:
-                g = g * (y != ignore_index).unsqueeze(1)
-            grad = grad + g * (g_ce * w_ce / n)
+            log_p, y = ctx.saved_tensors[2:4]
+            g = log_p.exp()  # softmax(s) - one_hot(y), on the labeled rows
+            if all_labeled:
+                g.scatter_add_(1, y.unsqueeze(1), torch.full_like(g[:, :1], -1.0))
+                grad = grad + g * (g_ce * (w_ce / ctx.n))
+            else:
+                g.scatter_add_(1, y.clamp_min(0).unsqueeze(1), torch.full_like(g[:, :1], -1.0))
+                grad = grad + g * (y != ignore_index).unsqueeze(1) * (g_ce * w_ce / ctx.saved_tensors[4])
         return grad, None, None, None, None, None, None, None, None
 
 
