@@ -87,7 +87,9 @@ def test_ts_methods_use_no_labels(name):
     data = digits69("vflip")
     teacher = FrozenTeacher(small_cnn(1), data.in_shape)
     students = []
-    for y in (data.y_train, data.y_train[torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(0))]):
+    scrambled = data.y_train[torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(0))]
+    assert not torch.equal(scrambled, data.y_train)
+    for y in (data.y_train, scrambled):
         torch.manual_seed(0)
         method = get_method(name)(method_cfg(name, match="soft", temperature=2.0), small_cnn(2), teacher)
         train(method, replace(data, y_train=y))
