@@ -43,6 +43,13 @@ class DatasetConfig:
     # set (fixed by split_seed); the other training inputs stay in, unlabeled, for teacher-driven
     # terms only. The teacher is still trained on every label. 1.0: all labeled.
     label_fraction: float = 1.0
+    # Random augmentation of the training images (kdexp.data.augment): none | flip | crop | crop_flip
+    # (crop: random crop of the image zero-padded by augment_pad pixels). augment_views: 0 = a fresh
+    # draw every epoch (the teacher then runs online); K = K fixed draws cycled over the epochs, the
+    # teacher's outputs cached per draw. Teachers train on fresh draws.
+    augment: str = "none"
+    augment_pad: int = 4
+    augment_views: int = 0
 
 
 @dataclass

@@ -27,6 +27,18 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return temperature ** 2 * kl_div_log(soften(teacher_logits, temperature), soften(student_logits, temperature))
 
 
+_MINUS_ONES = {}
+
+
+def _minus_ones(like: torch.Tensor) -> torch.Tensor:
+    """A (B, 1) column of -1 (cached: the CE gradient's one-hot subtraction runs every step)."""
+    key = (like.shape[0], like.dtype, like.device)
+    col = _MINUS_ONES.get(key)
+    if col is None:
+        col = _MINUS_ONES[key] = torch.full((like.shape[0], 1), -1.0, dtype=like.dtype, device=like.device)
+    return col
+
+
 class _SoftKDCE(torch.autograd.Function):
     """(w_ce * CE, alpha * T^2 * KL(p || softmax(s/T))) with closed-form gradients, from the
     teacher's softened probabilities p and their sum p log p: one autograd node for both terms."""
@@ -58,10 +70,10 @@ class _SoftKDCE(torch.autograd.Function):
             log_p, y = ctx.saved_tensors[2:4]
             g = log_p.exp()  # softmax(s) - one_hot(y), on the labeled rows
             if all_labeled:
-                g.scatter_add_(1, y.unsqueeze(1), torch.full_like(g[:, :1], -1.0))
+                g.scatter_add_(1, y.unsqueeze(1), _minus_ones(g))
                 grad = grad + g * (g_ce * (w_ce / ctx.n))
             else:
-                g.scatter_add_(1, y.clamp_min(0).unsqueeze(1), torch.full_like(g[:, :1], -1.0))
+                g.scatter_add_(1, y.clamp_min(0).unsqueeze(1), _minus_ones(g))
                 grad = grad + g * (y != ignore_index).unsqueeze(1) * (g_ce * w_ce / ctx.saved_tensors[4])
         return grad, None, None, None, None, None, None, None, None
 

@@ -99,6 +99,8 @@ def run(cfg: DictConfig, run_dir: str, overrides=()) -> float:
         log.info("dataset %s: %d train / %d val, input %s, %d classes%s", data.name, len(data.x_train),
                  len(data.x_val), data.in_shape, data.num_classes,
                  f", target domain {data.domain}" if data.domain else "")
+        if data.augment is not None:  # what the student's draws are made of (kdexp.data.augment)
+            logger.record["augment"] = {**data.augment.describe(), "seed": derive_seed(cfg.seed, "student/batches")}
         method_cls = get_method(cfg.method.name)
         domain.check_method(cfg, method_cls, data)
         teacher, tinfo = None, {"source": "none", "key": None, "val/acc": None}

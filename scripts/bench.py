@@ -1,24 +1,30 @@
 #!/usr/bin/env python
 """kdexp performance benchmark: ratios measured in ONE process, each against its target.
 
-    python scripts/bench.py            # ~5 min on 2 CPU cores
-    python scripts/bench.py --quick    # smaller workload, a smoke test of the script
+    python scripts/bench.py            # a few minutes on 2 CPU cores
+    python scripts/bench.py --quick    # smaller workload: a smoke test of the script
 
 Workload (notes/performance.md): the Keras demo pair, CNN teacher (conv 32-64-64) -> MLP
 student (784-64 sigmoid-10), 28x28 inputs held in memory (`dataset=fake`: random tensors;
-throughput does not depend on the values), batch 128, Adam, hardware=cpu.
+throughput does not depend on the values), batch 128, Adam, hardware=cpu, 1 torch thread.
 
   (a) kdexp KD epoch throughput / a minimal hand-written PyTorch KD loop doing the same work
-      (slicing a permutation, CE + T^2 KL; teacher outputs computed once, as kdexp's default
-      teacher cache does); also reported for the online teacher (teacher.cache=false)  >= 0.9
-  (b) cached KD epoch time / `ce` epoch time (same student, data, batches)            <= 1.15
-  (c) teacher trainings in an 8-run sweep (kd x T x alpha, fresh cache)                == 1
-  (d) fused sweep of 8 students (hydra/sweeper=fused's trainer) / 8 separate runs,
-      wall time, teacher already cached                                                <= 0.5
-  (e) kdexp KD throughput / torchdistill 1.1 KD (DistillationBox, online teacher)
-      on the same models and data                                                      >= 15
-Epoch times are medians over epochs after the first (warm-up), runs interleaved; exits 1 if a
-ratio misses its target.
+      (slices of a permutation, (1-alpha) CE + alpha T^2 KL with F.kl_div, Adam; the teacher's
+      logits computed once, as kdexp's default teacher cache does)                      >= 0.9
+  (a') the same with the teacher online in both (teacher.cache=false)                   >= 0.9
+  (b) cached KD epoch time / `ce` epoch time (same student, data, batch size)          <= 1.15
+  (c) teacher trainings in an 8-run sweep (kd x 4 T x 2 alpha, empty teacher cache)     == 1
+  (d) fused sweep of the same 8 runs (the trainer of hydra/sweeper=fused) / the 8 runs
+      one after the other (whole runs: data, teacher from the cache, training, eval,
+      logging, checkpoints)                                                             <= 0.5
+  (e) kdexp KD throughput / torchdistill 1.1 KD (DistillationBox, teacher online, its KDLoss)
+      on the same models, data, batch size and optimizer                                >= 15
+
+Method: everything in this process after a warm-up. (a) and (b) alternate single epochs of
+kdexp's fit loop (the code `kdexp.train.run` times as time/epoch_s) for kd, ce and the
+hand-written loop, `--rounds` times, in alternating order; each ratio is the median of the
+per-round ratios. Timings are this process's CPU time by default (`--clock cpu`; stable when
+other jobs share the cores; `--clock wall` for elapsed time). Exits 1 if a ratio misses its target.
 """
 import argparse
 import copy
@@ -43,7 +49,12 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 import kdexp.train  # noqa: E402,F401  (registers the configs)
 from kdexp import config_dir  # noqa: E402
 from kdexp.data import load_dataset  # noqa: E402
+from kdexp.engine.fit import fit  # noqa: E402
+from kdexp.engine.teacher import provide_teacher  # noqa: E402
+from kdexp.engine.teacher_cache import wrap_teacher  # noqa: E402
+from kdexp.methods import get_method  # noqa: E402
 from kdexp.models import get_model  # noqa: E402
+from kdexp.seeding import derive_seed  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -53,7 +64,8 @@ def parse_args():
     p.add_argument("--quick", action="store_true", help="small workload: checks that the script runs")
     p.add_argument("--samples", type=int, default=None, help="training samples (default 10000; quick 3000)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per timed run (default 4; quick 3)")
-    p.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 3; quick 1)")
+    p.add_argument("--reps", type=int, default=1, help="repetitions of (d), the whole-sweep comparison (default 1)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved epochs per variant in (a), (b) (default 20; quick 4)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: stable timings on a shared machine; 0: torch's default)")
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
@@ -104,7 +116,8 @@ class Bench:
         self.quick = args.quick
         self.n = args.samples or (3000 if args.quick else 10000)
         self.epochs = args.epochs or (3 if args.quick else 4)
-        self.reps = args.reps or (1 if args.quick else 3)
+        self.reps = args.reps
+        self.rounds = args.rounds or (4 if args.quick else 20)  # interleaved epochs of (a) and (b)
         self.work = args.workdir or tempfile.mkdtemp(prefix="kdexp-bench-")
         self.cache = os.path.join(self.work, "cache")
         self.cpu = args.clock == "cpu"
@@ -117,7 +130,7 @@ class Bench:
     def cfg(self, *overrides, cache=None):
         base = ["dataset=fake", "dataset.shape=[1,28,28]", "dataset.num_classes=10", f"dataset.train_size={self.n}",
                 "dataset.val_size=1000", "teacher=cnn", "student=mlp", "batch_size=128", "eval_batch_size=1000",
-                "teacher.epochs=1", "teacher.batch_size=128", f"hardware=cpu", f"hardware.threads={torch.get_num_threads()}",
+                "teacher.epochs=1", "teacher.batch_size=128", "hardware=cpu", f"hardware.threads={torch.get_num_threads()}",
                 "progress=false", f"epochs={self.epochs}", f"paths.cache_dir={cache or self.cache}",
                 f"paths.data_dir={self.work}/data"]
         GlobalHydra.instance().clear()
@@ -190,31 +203,65 @@ class Bench:
         return times
 
     # -- the ratios ----------------------------------------------------------------------------------
+    def build(self, cfg, teacher):
+        """The method as kdexp.train.run builds it (student init seed, teacher-output cache)."""
+        method_cls = get_method(cfg.method.name)
+        torch.manual_seed(derive_seed(cfg.seed, "student/init"))
+        student = get_model(cfg.student.arch, self.data.in_shape, self.data.num_classes, **cfg.student.args)
+        t = wrap_teacher(teacher, cfg, method_cls, self.data)[0] if method_cls.uses_teacher else None
+        return method_cls(cfg.method, student, t)
+
+    def kdexp_epoch(self, method, cfg, seed):
+        """One epoch of kdexp's fit loop -> its epoch time (time/epoch_cpu_s or time/epoch_s)."""
+        return fit(method, self.data, optim_cfg=cfg.optim, epochs=1, batch_size=cfg.batch_size, seed=seed)[0][
+            self.epoch_key]
+
     def a_b(self):
-        self.data = load_dataset(self.cfg().dataset)
-        teacher, student = self.hand_models(self.data)
-        self.run("method=kd")  # trains and caches the teacher; warms everything up
-        a, b, kd_all = [], [], []
-        for _ in range(self.reps):  # interleaved: each ratio from runs measured side by side
-            kd = self.steady(self.run("method=kd")["history"])
-            ce = self.steady(self.run("method=ce")["history"])
-            hand = statistics.median(self.hand_kd(self.data, teacher, copy.deepcopy(student), True, self.epochs)[1:])
-            a.append(hand / kd)
-            b.append(kd / ce)
-            kd_all.append(kd)
-        self.kd_s = statistics.median(kd_all)
+        cfg_kd, cfg_ce = self.cfg("method=kd"), self.cfg("method=ce")
+        cfg_online = self.cfg("method=kd", "teacher.cache=false")
+        self.data = load_dataset(cfg_kd.dataset)
+        teacher, _ = provide_teacher(cfg_kd, self.data)  # trained once (teacher.epochs=1) and cached
+        kd, ce = self.build(cfg_kd, teacher), self.build(cfg_ce, teacher)
+        _, student = self.hand_models(self.data)
+        t_hand = teacher.model
+        rounds = self.rounds
+        times = {"kd": [], "ce": [], "hand": []}
+        variants = [("kd", lambda r: self.kdexp_epoch(kd, cfg_kd, r)), ("ce", lambda r: self.kdexp_epoch(ce, cfg_ce, r)),
+                    ("hand", lambda r: self.hand_kd(self.data, t_hand, student, True, 1)[0])]
+        for r in range(rounds + 1):  # round 0: warm-up (and the teacher cache's one-off pass)
+            for name, epoch in (variants if r % 2 else variants[::-1]):  # alternate the order
+                times[name].append(epoch(r))
+        med = {k: statistics.median(v[1:]) for k, v in times.items()}
+        self.kd_s = med["kd"]
+
+        def paired(num, den):  # per-round ratios: each from epochs measured side by side
+            ratios = sorted(x / y for x, y in zip(times[num][1:], times[den][1:]))
+            q = len(ratios) // 4
+            return statistics.median(ratios), f"quartiles {ratios[q]:.3f}-{ratios[-1 - q]:.3f} over {len(ratios)} rounds"
+
+        value, spread = paired("hand", "kd")
         self.report("a", "kdexp KD epoch throughput / hand-written KD loop (teacher outputs cached, kdexp's default)",
-                    statistics.median(a), 0.9, ">=", f"per rep: {', '.join(f'{v:.3f}' for v in a)}; kdexp KD "
-                    f"{self.n / self.kd_s:,.0f} samples/s")
-        self.report("b", "cached KD epoch time / ce epoch time (same student, data, batch size)",
-                    statistics.median(b), 1.15, "<=", f"per rep: {', '.join(f'{v:.3f}' for v in b)}")
-        online = self.run("method=kd", "teacher.cache=false", "epochs=2")
-        self.kd_online_s = online["history"][-1][self.epoch_key]
-        hand_online = self.hand_kd(self.data, teacher, copy.deepcopy(student), False, 2)[-1]
+                    value, 0.9, ">=", f"{spread}; kdexp {self.n / med['kd']:,.0f} samples/s, hand-written "
+                    f"{self.n / med['hand']:,.0f} samples/s (medians)")
+        value, spread = paired("kd", "ce")
+        self.report("b", "cached KD epoch time / ce epoch time (same student, data, batch size)", value, 1.15, "<=",
+                    f"{spread}; kd {med['kd'] * 1000:.0f} ms, ce {med['ce'] * 1000:.0f} ms per epoch of {self.n} samples")
+        online = self.build(cfg_online, teacher)
+        times["kd_online"], times["hand_online"] = [], []
+        variants = [("kd_online", lambda r: self.kdexp_epoch(online, cfg_online, r)),
+                    ("hand_online", lambda r: self.hand_kd(self.data, t_hand, student, False, 1)[0])]
+        online_rounds = max(2, self.rounds // 4)  # online epochs are ~30x longer
+        for r in range(online_rounds + 1):
+            for name, epoch in (variants if r % 2 else variants[::-1]):
+                times[name].append(epoch(r))
+        self.kd_online_s = statistics.median(times["kd_online"][1:])
+        hand_on_s = statistics.median(times["hand_online"][1:])
+        value, spread = paired("hand_online", "kd_online")
         self.report("a'", "kdexp KD epoch throughput / hand-written KD loop, both with the teacher online "
-                    "(teacher.cache=false)", hand_online / self.kd_online_s, 0.9, ">=",
-                    f"kdexp {self.n / self.kd_online_s:,.0f} samples/s, hand-written {self.n / hand_online:,.0f} "
-                    f"samples/s; the cache makes kdexp KD {self.kd_online_s / self.kd_s:.1f}x faster")
+                    "(teacher.cache=false)", value, 0.9, ">=",
+                    f"{spread}; kdexp "
+                    f"{self.n / self.kd_online_s:,.0f} samples/s, hand-written {self.n / hand_on_s:,.0f} samples/s; "
+                    f"the cache makes kdexp KD {self.kd_online_s / self.kd_s:.1f}x faster")
 
     def sweep_configs(self):
         return [("method=kd", f"method.temperature={t}", f"method.alpha={a}") for t in (1, 2, 4, 8) for a in (0.5, 0.9)]
@@ -229,7 +276,7 @@ class Bench:
                     sources.count("trained"), 1, "==",
                     f"teacher source per run: {sources.count('trained')} trained, {sources.count('cache')} cache")
         ratios, walls = [], []
-        for _ in range(max(1, self.reps - 1)):
+        for _ in range(self.reps):
             w0, t0 = time.perf_counter(), self.clock()
             for o in self.sweep_configs():
                 self.run(*o, epochs, cache=fresh)
@@ -272,7 +319,7 @@ def main():
         torch.set_num_threads(args.threads)
     b = Bench(args)
     print(f"kdexp bench: {b.n} samples 1x28x28, CNN teacher -> MLP student, batch 128, {b.epochs} epochs per run, "
-          f"{b.reps} rep(s), torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+          f"{b.rounds} rounds, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
           f"{'CPU time' if b.cpu else 'wall time'}, workdir {b.work}", flush=True)
     t0 = time.perf_counter()
     b.a_b()
@@ -283,7 +330,7 @@ def main():
           + (f"; missed: {', '.join(failed)}" if failed else "") + f" ({time.perf_counter() - t0:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"samples": b.n, "epochs": b.epochs, "reps": b.reps, "results": b.results}, f, indent=2)
+            json.dump({"samples": b.n, "epochs": b.epochs, "rounds": b.rounds, "results": b.results}, f, indent=2)
     sys.exit(1 if failed else 0)
 
 

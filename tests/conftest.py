@@ -2,11 +2,16 @@ import os
 import sys
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 import kdexp.train  # noqa: F401  (registers the structured configs)
 from kdexp import config_dir
+
+# One torch thread in the test process: the test models are tiny, and on a 2-core machine shared with
+# other jobs thread hand-offs cost more than they gain (whole test files ran several times faster).
+torch.set_num_threads(1)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GROUPS = ("dataset", "teacher", "student", "method", "hardware")

@@ -260,7 +260,8 @@ def test_tfkd_self_teacher_has_the_students_architecture(shared, digits):
 
 
 def test_resolve_teachers_names_overrides_and_errors():
-    a, b, c = resolve_teachers(["lenet5", {"base": "cnn", "seed": 3, "epochs": 2}, {"arch": "mlp", "args": {"hidden": 8}}])
+    a, b, c = resolve_teachers(["lenet5", {"base": "cnn", "seed": 3, "epochs": 2},
+                                {"arch": "mlp", "args": {"hidden": 8}}])
     assert a.arch == "lenet5" and a.optim.lr == 0.001  # its own recipe from conf/teacher/lenet5.yaml
     assert b.arch == "cnn" and b.seed == 3 and b.epochs == 2 and b.args.dropout == 0.4
     assert c.arch == "mlp" and c.args.hidden == 8 and c.epochs == 20  # schema defaults

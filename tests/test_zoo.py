@@ -118,6 +118,7 @@ def test_cifar_preset_protocol(preset_cfg, preset):
         assert (o.name, o.lr, o.momentum, o.weight_decay, o.schedule, list(o.milestones), o.gamma, epochs) == \
             ("sgd", 0.05, 0.9, 0.0005, "step", [150, 180, 210], 0.1, 240)
     assert cfg.batch_size == 64 and cfg.teacher.batch_size == 64
+    assert (cfg.dataset.augment, cfg.dataset.augment_pad, cfg.dataset.augment_views) == ("crop_flip", 4, 0)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -127,6 +128,7 @@ def test_cifar_preset_runs_two_steps_on_fake_data(preset_cfg, tmp_path, preset):
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["status"] == "done" and m["teacher"]["source"] == "trained" and len(m["history"]) == 1
     assert m["history"][0]["lr"] == 0.05
+    assert m["augment"]["kind"] == "crop_flip" and m["teacher_cache"]["online_calls"] == 2  # fresh draws: online
 
 
 @pytest.mark.slow

@@ -153,7 +153,9 @@ class FusedSweeper(BasicSweeper):
             else:
                 to_fuse.append(outcome.job)
         if len(to_fuse) < 2:
-            separate += [j.index for j in to_fuse]
+            for job in to_fuse:
+                log.info("job #%d runs separately: no other job of its group left to fuse with", job.index)
+                separate.append(job.index)
             return returns
         orig_hydra_cfg = HydraConfig.instance().cfg
         handlers = []

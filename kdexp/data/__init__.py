@@ -35,6 +35,8 @@ class Data:
     # Name of the view x_train holds, the key of the teacher-output cache: "train" (the source
     # view), "train_target" when a single-view method trains on the target view.
     view: str = "train"
+    # dataset.augment: random crop/flip of the training images, replayable (kdexp.data.augment). None: off.
+    augment: Optional["Augment"] = None
 
     TENSORS = ("x_train", "y_train", "x_val", "y_val", "labeled", "x_train_target", "x_val_target")
 
@@ -126,8 +128,10 @@ def load_dataset(cfg, domain=None) -> Data:
     fraction = cfg.get("label_fraction", 1.0)
     labeled = labeled_mask(y_tr, fraction, cfg.split_seed) if fraction < 1.0 else None
     return Data(x_tr, torch.as_tensor(y_tr), x_va, torch.as_tensor(y_va), num_classes, cfg.name, labeled,
-                x_tr_t, x_va_t, describe(steps) if steps else None)
+                x_tr_t, x_va_t, describe(steps) if steps else None,
+                augment=Augment.from_config(cfg, tuple(x_tr.shape[1:])))
 
 
 from kdexp.data import builtin, fake, vision  # noqa: E402,F401  (register the datasets)
+from kdexp.data.augment import Augment  # noqa: E402
 from kdexp.data.domain import apply_transforms, describe, parse_transforms as domain_steps  # noqa: E402

@@ -3,6 +3,7 @@ seeded permutation, evaluation every epoch, per-epoch metrics to a callback."""
 import math
 import sys
 import time
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -12,7 +13,7 @@ from tqdm import tqdm
 from kdexp.data import Data
 from kdexp.engine.hardware import CPU, Accelerator
 from kdexp.engine.optim import build_optimizer, build_scheduler
-from kdexp.engine.teacher_cache import take_fill_seconds
+from kdexp.engine.teacher_cache import register_view, take_fill_seconds
 from kdexp.errors import KdexpError
 from kdexp.methods import UNLABELED, Batch, Method
 
@@ -36,17 +37,43 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     return {"acc": correct / len(x), "loss": loss / len(x)}
 
 
-def make_batch(data: Data, idx: torch.Tensor) -> Batch:
+def make_batch(data: Data, idx: torch.Tensor, views: Optional["EpochViews"] = None) -> Batch:
     """The training batch at positions `idx`; with a transfer set (data.labeled), samples without
-    a label get y = UNLABELED so that no label-driven term can use them by accident."""
+    a label get y = UNLABELED so that no label-driven term can use them by accident. `views`:
+    this epoch's augmented inputs (dataset.augment), else data.x_train itself."""
     y = data.y_train.index_select(0, idx)  # index_select: several times faster than x[idx] for image batches
-    x = data.x_train.index_select(0, idx)
-    view = getattr(data, "view", "train")  # the key of the teacher-output cache (kdexp.engine.teacher_cache)
-    x_target = data.x_train_target.index_select(0, idx) if getattr(data, "x_train_target", None) is not None else None
+    if views is None:
+        views = EpochViews(data.x_train, data.x_train_target, getattr(data, "view", "train"))
+    x = views.x.index_select(0, idx)
+    view = views.name  # the key of the teacher-output cache (kdexp.engine.teacher_cache)
+    x_target = views.x_target.index_select(0, idx) if views.x_target is not None else None
     if data.labeled is None:
         return Batch(x, y, idx, view=view, x_target=x_target)
     labeled = data.labeled[idx]
     return Batch(x, y.masked_fill(~labeled, UNLABELED), idx, labeled, view=view, x_target=x_target)
+
+
+@dataclass
+class EpochViews:
+    """One epoch's training inputs: data.x_train (and its target view), or an augmentation draw of them."""
+    x: object  # a tensor or a kdexp.data.augment.AugmentedView
+    x_target: object
+    name: str  # the teacher-output cache's key: "train", or "train@aug<draw>" for an augmentation draw
+
+
+def epoch_views(data: Data, augment, epoch: int, method: Method) -> Optional[EpochViews]:
+    """None without augmentation; else the epoch's draw. With dataset.augment_views=K the K draws
+    are registered as views of the teacher-output cache (so its outputs are cached per draw);
+    fresh per-epoch draws are not, and the teacher runs online on them."""
+    if augment is None:
+        return None
+    draw = augment.draw_of_epoch(epoch)
+    x_target = getattr(data, "x_train_target", None)
+    views = EpochViews(augment.view(data.x_train, draw), None if x_target is None else augment.view(x_target, draw),
+                       f"{getattr(data, 'view', 'train')}@aug{draw}")
+    if augment.views:
+        register_view(method, views.name, views.x)
+    return views
 
 
 def epoch_batches(data: Data, method: Method, batch_size: int, steps: int, gen: torch.Generator) -> List[torch.Tensor]:
@@ -88,6 +115,9 @@ def fit(method: Method, data: Data, *, optim_cfg, epochs: int, batch_size: int, 
     scheduler = build_scheduler(optimizer, optim_cfg, epochs, steps)
     per_step = getattr(scheduler, "per_step", False)  # e.g. DANN's annealing: stepped every step
     gen = torch.Generator().manual_seed(seed)
+    augment = getattr(data, "augment", None)
+    if augment is not None:  # draws derive from this fit's seed: the same views on resume
+        augment = replace(augment, seed=seed)
     history: List[Dict[str, float]] = []
     start = 0
     if state is not None:
@@ -105,6 +135,7 @@ def fit(method: Method, data: Data, *, optim_cfg, epochs: int, batch_size: int, 
         method.epoch = epoch
         t0, c0 = time.perf_counter(), time.process_time()
         batches = epoch_batches(data, method, batch_size, steps, gen)
+        views = epoch_views(data, augment, epoch, method)
         total = sum(len(idx) for idx in batches)
         sums: Dict[str, float] = {}
         bar = tqdm(range(steps), desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=not show)
@@ -117,7 +148,7 @@ def fit(method: Method, data: Data, *, optim_cfg, epochs: int, batch_size: int, 
             terms, loss = {}, None
             if len(idx):
                 with accel.autocast():
-                    terms = method.losses(make_batch(data, idx))
+                    terms = method.losses(make_batch(data, idx, views))
                     loss = sum(terms.values())
                 if (step + 1) % accel.sync_every == 0 or step + 1 == steps:
                     if not torch.isfinite(loss):

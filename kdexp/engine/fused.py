@@ -30,7 +30,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -98,6 +98,11 @@ def config_reason(cfg) -> Optional[str]:
     name = cfg.method.name
     if name not in FUSABLE_METHODS:
         return f"method={name} (fused sweeps train {' and '.join(FUSABLE_METHODS)} students)"
+    domain = cfg.get("domain")
+    if domain is not None and domain.get("transforms"):
+        return "a domain shift (dataset views) is set"
+    if cfg.dataset.get("augment", "none") != "none":
+        return f"dataset.augment={cfg.dataset.augment} (fused students share unaugmented batches)"
     hw = cfg.hardware
     if hw.get("distributed", False):
         return "hardware=ddp"
@@ -222,7 +227,8 @@ def train_group(jobs: Sequence[Job]) -> List[float]:
     runs: List[_Student] = []
     for k, (job, student) in enumerate(zip(jobs, students)):
         method = method_cls(job.cfg.method, student, teacher).to(device)
-        runs.append(_Student(job, method, label=labels[k], gen=torch.Generator().manual_seed(derive_seed(job.cfg.seed, "student/batches"))))
+        gen = torch.Generator().manual_seed(derive_seed(job.cfg.seed, "student/batches"))
+        runs.append(_Student(job, method, label=labels[k], gen=gen))
     group = {"group_size": len(jobs), "runs": [os.path.basename(os.path.normpath(j.run_dir)) for j in jobs]}
     for k, r in enumerate(runs):
         d = r.job.run_dir

@@ -146,7 +146,7 @@ def init_distributed(hw) -> DistContext:
         if backend == "auto":
             backend = "nccl" if hw.device != "cpu" and torch.cuda.is_available() else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(ctx.local_rank)
+            torch.cuda.set_device(hw.device_index + ctx.local_rank)
         dist.init_process_group(backend=backend)
         log.info("DDP: rank %d of %d (local rank %d), backend %s", ctx.rank, ctx.world, ctx.local_rank, backend)
     if not ctx.is_main:  # only rank 0 logs progress (warnings and errors still show)
@@ -214,28 +214,27 @@ class Accelerator:
 
     # -- setup ---------------------------------------------------------------------------------
     def data_to_device(self, data):
-        """The dataset's tensors on the device, once (pinned + non_blocking on a GPU)."""
+        """The dataset's tensors on the device, once (on a GPU: from pinned memory, non_blocking;
+        channels_last image inputs with hardware.channels_last). They stay there: batches are
+        gathered on the device, with no per-step host-to-device copies."""
         if self.device.type != "cuda":
             return data.to(self.device)
-        if self.non_blocking:
-            from dataclasses import replace
+        from dataclasses import replace
 
-            moved = {k: getattr(data, k).pin_memory().to(self.device, non_blocking=True)
-                     for k in ("x_train", "y_train", "x_val", "y_val", "x_train_target", "x_val_target")
-                     if getattr(data, k, None) is not None}  # the target views of a domain shift too
-            if data.labeled is not None:
-                moved["labeled"] = data.labeled.to(self.device)
-            data = replace(data, **moved)
-            torch.cuda.synchronize(self.device)
-        else:
-            data = data.to(self.device)
-        if self.channels_last and data.x_train.dim() == 4:
-            from dataclasses import replace
-
-            data = replace(data, **{k: getattr(data, k).contiguous(memory_format=torch.channels_last)
-                                    for k in ("x_train", "x_val", "x_train_target", "x_val_target")
-                                    if getattr(data, k, None) is not None})
-        return data
+        names = [k for k in getattr(data, "TENSORS", ("x_train", "y_train", "x_val", "y_val", "labeled"))
+                 if getattr(data, k, None) is not None]
+        moved = {}
+        for k in names:
+            t = getattr(data, k)
+            if self.non_blocking and t.device.type == "cpu":
+                t = t.pin_memory().to(self.device, non_blocking=True)
+            else:
+                t = t.to(self.device)
+            if self.channels_last and t.dim() == 4 and t.is_floating_point():
+                t = t.contiguous(memory_format=torch.channels_last)
+            moved[k] = t
+        torch.cuda.synchronize(self.device)  # the pinned host buffers may be freed after this
+        return replace(data, **moved)
 
     def prepare(self, method, teacher=None) -> None:
         """channels_last for the method's modules and the teacher; torch.compile of the student."""
@@ -284,13 +283,14 @@ class Accelerator:
 
     def reduce_sums(self, sums: Dict[str, float]) -> Dict[str, float]:
         """Epoch sums to floats; DDP: summed over ranks (each rank weighted its part)."""
+        if not self.dist.active:
+            return {k: float(v) for k, v in sums.items()}
         keys = sorted(sums)
         if not keys:
             return {}
         vec = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64).to(self.device) for k in keys])
-        if self.dist.active:
-            vec = vec.to(self._collective_device())
-            self.dist.all_reduce_(vec)
+        vec = vec.to(self._collective_device())
+        self.dist.all_reduce_(vec)
         return dict(zip(keys, vec.tolist()))
 
     def _collective_device(self) -> torch.device:

@@ -32,7 +32,7 @@ from kdexp.models.taps import run_with_features
 from kdexp.seeding import derive_seed
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2  # bump when the teacher training code changes what a recipe produces
+CACHE_VERSION = 3  # bump when the teacher training code changes what a recipe produces
 # 2: CIFAR ResNets moved to kdexp/models/cifar.py with RepDistiller's parameter names
 
 
@@ -96,7 +96,9 @@ def teacher_key(tcfg, dataset_cfg, data: Data) -> str:
     # label_fraction is left out: the teacher is trained on every label whatever the student keeps
     # (unless teacher.labeled_only). teacher.classes enters through dataset_cfg (see _provide_one).
     ds = {k: v for k, v in OmegaConf.to_container(dataset_cfg, resolve=True).items()
-          if k not in ("root", "download") and (k != "label_fraction" or t.get("labeled_only"))}
+          if k not in ("root", "download", "augment_views") and (k != "label_fraction" or t.get("labeled_only"))}
+    if ds.get("augment", "none") == "none":  # keys of runs without augmentation stay as they were
+        ds.pop("augment", None), ds.pop("augment_pad", None)
     blob = json.dumps({"v": CACHE_VERSION, "teacher": recipe, "dataset": ds, "data": data_fingerprint(data)},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -123,6 +125,8 @@ def _train(tcfg, data: Data, eval_batch_size: int, progress: bool) -> torch.nn.M
         if tcfg.get("labeled_only") and data.labeled is not None:  # data distillation's teacher
             train_data = replace(data, x_train=data.x_train[data.labeled], y_train=data.y_train[data.labeled],
                                  labeled=None)
+        if data.augment is not None:  # fresh draws every epoch (augment_views is the student's setting)
+            train_data = replace(train_data, augment=replace(data.augment, views=0))
         fit(ce, train_data, optim_cfg=tcfg.optim, epochs=tcfg.epochs, batch_size=tcfg.batch_size,
             seed=derive_seed(tcfg.seed, "teacher/batches"), eval_batch_size=eval_batch_size,
             on_epoch=on_epoch, progress=progress, desc="teacher")
@@ -185,7 +189,8 @@ def resolve_teachers(items) -> List[DictConfig]:
             extra = OmegaConf.to_container(item, resolve=True) if isinstance(item, DictConfig) else dict(item)
             base = extra.pop("base", None)
         else:
-            raise ConfigError(f"{where}={item!r}: give a teacher option name or a mapping such as {{base: cnn, seed: 1}}")
+            raise ConfigError(f"{where}={item!r}: give a teacher option name or a mapping such as "
+                              f"{{base: cnn, seed: 1}}")
         node = OmegaConf.structured(TeacherConfig)
         try:
             if base is not None:

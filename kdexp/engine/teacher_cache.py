@@ -109,6 +109,10 @@ class TeacherCache:
         """(p, sum_c p log p) of the teacher's softened distribution p = softmax(t / T) for the
         batch: p (B, C) and its negative entropy (B,). Cached per (view, T) so that a KD step does
         no teacher-side softmax (KL(p || q) = sum p log p - sum p log q)."""
+        entry = self._soft.get((batch.view, temperature))  # fast path: once per step in a KD run
+        if entry is not None:
+            self.hits += 1
+            return entry[0].index_select(0, batch.idx), entry[1].index_select(0, batch.idx)
         view = self._cached_view(batch)
         if view is None:
             t = self.logits(batch)
@@ -212,6 +216,15 @@ def wrap_teacher(teacher, cfg, method_cls, data) -> Tuple[object, dict]:
         return cache, {"enabled": True}
     log.info("teacher outputs are computed online (%s)", reason)
     return teacher, {"enabled": False, "reason": reason}
+
+
+def register_view(method, name: str, x) -> None:
+    """Let the method's teacher-output cache (if it has one) serve view `name`, whose sample i is
+    x[i] (a tensor or an AugmentedView). A name already registered keeps its cached outputs: the
+    fit loop names augmentation draws by number, and a draw's inputs are fixed by its number."""
+    cache = getattr(method, "teacher", None)
+    if isinstance(cache, TeacherCache) and name not in cache._views:
+        cache.add_view(name, x)
 
 
 def take_fill_seconds(method) -> Tuple[float, float]:

@@ -43,10 +43,11 @@ class KD(Method):
         super().__init__(cfg, student, teacher)
         # plain floats: reading a DictConfig every step costs more than the cached KD term itself
         self.alpha, self.temperature = float(cfg.alpha), float(cfg.temperature)
+        self._soft_targets = getattr(teacher, "soft_targets", None)  # the teacher-output cache's, if any
 
     def losses(self, batch):
         s = self.student(batch.x)
-        soft = getattr(self.teacher, "soft_targets", None)
+        soft = self._soft_targets
         if self.alpha and soft is not None:
             # teacher-output cache: softened probabilities cached per T; both terms in one autograd
             # node (same values and gradients as self.ce + kd_loss below)

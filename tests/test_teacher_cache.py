@@ -1,0 +1,188 @@
+"""Teacher-output cache (kdexp.engine.teacher_cache): served outputs equal the online teacher's,
+never for another input, and cached runs give the metrics of online runs."""
+import json
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kdexp.engine.teacher import FrozenTeacher, teacher_key
+from kdexp.engine.teacher_cache import TeacherCache, wrap_teacher
+from kdexp.losses import kd_ce_loss_soft
+from kdexp.methods import UNLABELED, Batch, Method
+from kdexp.models import get_model
+from kdexp.train import run
+from tests.conftest import FAST
+
+
+def frozen_cnn(n=300, seed=0):
+    torch.manual_seed(seed)
+    model = get_model("cnn", (1, 8, 8), 10)
+    x = torch.randn(n, 1, 8, 8)
+    return FrozenTeacher(model, (1, 8, 8)), x
+
+
+def batch(x, idx, view="train"):
+    return Batch(x[idx], torch.zeros(len(idx), dtype=torch.long), idx, view=view)
+
+
+def test_cached_outputs_equal_online_and_the_teacher_runs_once_per_sample(monkeypatch):
+    teacher, x = frozen_cnn()
+    cache = TeacherCache(teacher).add_view("train", x)
+    calls = []
+    forward = teacher.model.forward
+    monkeypatch.setattr(teacher.model, "forward", lambda inp: calls.append(len(inp)) or forward(inp))
+    for epoch in range(3):
+        for idx in torch.randperm(len(x)).split(64):
+            got = cache.logits(batch(x, idx))
+            with torch.no_grad():
+                want = forward(x[idx])
+            assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert sum(calls) == len(x)  # one pass, all samples, in chunks of at most 128
+    assert max(calls) <= 128 and cache.hits == 3 * 5 and cache.online_calls == 0
+    assert cache.fill_s > 0
+
+
+def test_other_inputs_are_never_served_from_the_cache():
+    teacher, x = frozen_cnn()
+    cache = TeacherCache(teacher).add_view("train", x)
+    idx = torch.arange(32)
+    cache.logits(batch(x, idx))  # fills the "train" view
+    other = torch.randn_like(x[:32])  # e.g. an augmented or target-domain input of the same samples
+    for b in (Batch(other, torch.zeros(32, dtype=torch.long), idx),  # a Batch a method builds: view None
+              Batch(other, torch.zeros(32, dtype=torch.long), idx, view="target")):  # a view it does not hold
+        with torch.no_grad():
+            assert torch.equal(cache.logits(b), teacher.model(other))
+    assert cache.online_calls == 2
+    cache.add_view("train", x.clone())  # another tensor under the same name drops its outputs
+    assert not cache._logits
+
+
+def test_features_are_cached_per_name_within_the_budget():
+    teacher, x = frozen_cnn()
+    names = ["0.1", "0.4"]
+    idx = torch.arange(40, 80)
+    want_logits, want = teacher.features(batch(x, idx), names)
+    cache = TeacherCache(teacher).add_view("train", x)
+    logits, feats = cache.features(batch(x, idx), names)
+    assert torch.allclose(logits, want_logits, atol=1e-5)
+    assert all(torch.allclose(feats[n], want[n], atol=1e-5) for n in names)
+    assert cache.online_calls == 0 and set(k[1] for k in cache._features) == set(names)
+    tight = TeacherCache(teacher, max_bytes=1000).add_view("train", x)  # far too small: online
+    logits, feats = tight.features(batch(x, idx), names)
+    assert torch.equal(feats["0.1"], want["0.1"]) and tight.online_calls == 1 and not tight._features
+
+
+def test_soft_targets_are_the_softened_teacher_distribution():
+    teacher, x = frozen_cnn()
+    cache = TeacherCache(teacher).add_view("train", x)
+    idx = torch.tensor([5, 1, 200])
+    p, neg_entropy = cache.soft_targets(batch(x, idx), 3.0)
+    with torch.no_grad():
+        q = torch.softmax(teacher.model(x[idx]) / 3.0, dim=1)
+    assert torch.allclose(p, q, atol=1e-5)
+    assert torch.allclose(neg_entropy, (q * q.log()).sum(1), atol=1e-5)
+
+
+@pytest.mark.parametrize("with_unlabeled", [False, True])
+def test_kd_ce_loss_soft_matches_ce_plus_kd(with_unlabeled):
+    torch.manual_seed(0)
+    s = torch.randn(12, 6, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(12, 6, dtype=torch.float64)
+    y = torch.randint(0, 6, (12,))
+    if with_unlabeled:
+        y[:4] = UNLABELED
+    T, w_ce, alpha = 2.5, 0.3, 0.7
+    p = torch.softmax(t / T, 1)
+    ce, kd = kd_ce_loss_soft(s, y, p, (p * p.log()).sum(1), T, w_ce, alpha, UNLABELED, all_labeled=not with_unlabeled)
+    # reference written differently: one-hot CE over the labeled rows, F.kl_div on log-probabilities
+    keep = y != UNLABELED
+    one_hot = F.one_hot(y[keep], 6).double()
+    ref_ce = w_ce * -(one_hot * torch.log_softmax(s[keep], 1)).sum() / keep.sum()
+    ref_kd = alpha * T * T * F.kl_div(torch.log_softmax(s / T, 1), torch.log_softmax(t / T, 1), reduction="batchmean",
+                                      log_target=True)
+    assert torch.allclose(ce, ref_ce) and torch.allclose(kd, ref_kd)
+    g, = torch.autograd.grad(2 * ce + 3 * kd, s)
+    ref_g, = torch.autograd.grad(2 * ref_ce + 3 * ref_kd, s)
+    assert torch.allclose(g, ref_g, atol=1e-12)
+
+
+def test_cache_flag_is_not_part_of_the_teacher_key(compose_cfg):
+    from kdexp.data import load_dataset
+
+    on, off = compose_cfg(*FAST), compose_cfg(*FAST, "teacher.cache=false")
+    data = load_dataset(on.dataset)
+    assert teacher_key(on.teacher, on.dataset, data) == teacher_key(off.teacher, off.dataset, data)
+
+
+def test_methods_that_need_the_teacher_online_get_the_plain_teacher(compose_cfg):
+    class NeedsGradients(Method):
+        teacher_cacheable = False
+
+        def losses(self, batch):
+            return {}
+
+    teacher, x = frozen_cnn()
+    data = type("D", (), {"x_train": x})()
+    cfg = compose_cfg(*FAST)
+    assert isinstance(wrap_teacher(teacher, cfg, get_kd(), data)[0], TeacherCache)
+    got, info = wrap_teacher(teacher, cfg, NeedsGradients, data)
+    assert got is teacher and "teacher_cacheable=False" in info["reason"]
+    got, info = wrap_teacher(teacher, compose_cfg(*FAST, "teacher.cache=false"), get_kd(), data)
+    assert got is teacher and info == {"enabled": False, "reason": "teacher.cache=false"}
+
+
+def get_kd():
+    from kdexp.methods import get_method
+
+    return get_method("kd")
+
+
+def test_the_one_off_pass_is_teacher_time_not_epoch_time(compose_cfg):
+    from kdexp.data import load_dataset
+    from kdexp.engine.fit import fit
+
+    class Slow(nn.Module):  # a teacher whose every forward takes 50 ms
+        def __init__(self):
+            super().__init__()
+            self.inner = get_model("cnn", (1, 8, 8), 10)
+
+        def forward(self, x):
+            time.sleep(0.05)
+            return self.inner(x)
+
+    cfg = compose_cfg(*FAST)
+    data = load_dataset(cfg.dataset)
+    cache = TeacherCache(FrozenTeacher(Slow(), data.in_shape)).add_view("train", data.x_train)
+    method = get_kd()(cfg.method, get_model("mlp", data.in_shape, 10), cache)
+    history = fit(method, data, optim_cfg=cfg.optim, epochs=2, batch_size=256, seed=0)
+    assert cache.fill_s >= 0.05 * (len(data.x_train) // 128)  # 12 chunks of 128: >= 0.6 s
+    assert history[0]["time/epoch_s"] < cache.fill_s / 2  # epoch time without the teacher pass
+
+
+def read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("method", ["kd", pytest.param("fitnet", marks=pytest.mark.slow)])
+def test_cached_and_online_runs_give_the_same_metrics(compose_cfg, tmp_path, method):
+    extra = ["method.teacher_layers=[1]"] if method == "fitnet" else []  # the teacher's embedding (a vector)
+    cached = run(compose_cfg("epochs=2", "teacher.epochs=2", "progress=false", f"method={method}", *extra),
+                 str(tmp_path / "cached"))
+    online = run(compose_cfg("epochs=2", "teacher.epochs=2", "progress=false", f"method={method}", *extra,
+                             "teacher.cache=false"), str(tmp_path / "online"))
+    a, b = read(tmp_path / "cached" / "metrics.json"), read(tmp_path / "online" / "metrics.json")
+    assert a["teacher_cache"]["enabled"] and a["teacher_cache"]["hits"] > 0 and a["teacher_cache"]["online_calls"] == 0
+    assert b["teacher_cache"] == {"enabled": False, "reason": "teacher.cache=false"}
+    assert b["teacher"]["source"] == "cache" and a["teacher"]["key"] == b["teacher"]["key"]
+    assert cached == online  # val/acc
+    assert set(a["final"]) == set(b["final"])
+    # The teacher's own forward differs in the last bits with the batch it runs in (here up to 6e-6 on
+    # its features: chunks of 128 vs training batches of 64); FitNets' hint term (beta=100) amplifies
+    # that over training steps, KD does not.
+    rel = 1e-3 if method == "fitnet" else 1e-5
+    for k, v in a["final"].items():
+        assert v == pytest.approx(b["final"][k], rel=rel, abs=1e-5), k
