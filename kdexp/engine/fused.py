@@ -172,6 +172,7 @@ class _Student:
     history: List[dict] = field(default_factory=list)
     active: bool = True
     value: float = float("nan")
+    config: Optional[dict] = None  # the resolved config for checkpoints, converted once (not every epoch)
 
 
 def _hparams_and_describe():
@@ -228,7 +229,8 @@ def train_group(jobs: Sequence[Job]) -> List[float]:
     for k, (job, student) in enumerate(zip(jobs, students)):
         method = method_cls(job.cfg.method, student, teacher).to(device)
         gen = torch.Generator().manual_seed(derive_seed(job.cfg.seed, "student/batches"))
-        runs.append(_Student(job, method, label=labels[k], gen=gen))
+        runs.append(_Student(job, method, label=labels[k], gen=gen,
+                             config=OmegaConf.to_container(job.cfg, resolve=True)))
     group = {"group_size": len(jobs), "runs": [os.path.basename(os.path.normpath(j.run_dir)) for j in jobs]}
     for k, r in enumerate(runs):
         d = r.job.run_dir
@@ -398,7 +400,7 @@ def _fit_fused(runs: List[_Student], data, teacher, tinfo, cfg0, accel, describe
                     "epoch": epoch + 1, "method": r.method.state_dict(),
                     "optimizer": _slice_optimizer_state(opt_sd, i, shapes), "scheduler": scheduler.state_dict(),
                     "generator": r.gen.get_state(), "torch_rng": rng, "history": r.history, "accel": {},
-                    "teacher_key": tinfo["key"], "config": OmegaConf.to_container(cfg, resolve=True),
+                    "teacher_key": tinfo["key"], "config": r.config,
                 }, os.path.join(r.job.run_dir, "checkpoints", "last.pt"))
     for r in runs:
         if not r.active:
