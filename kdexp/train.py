@@ -95,7 +95,7 @@ def run(cfg: DictConfig, run_dir: str, overrides=()) -> float:
         device = select_device(cfg.hardware, dist)
         accel = Accelerator(device, cfg.hardware, dist)
         logger.record["hardware"] = {"device": str(device), "threads": torch.get_num_threads(), "processes": dist.world}
-        data = accel.data_to_device(load_dataset(cfg.dataset, cfg.get("domain")))
+        data = accel.data_to_device(load_dataset(cfg.dataset, cfg.get("domain"), cfg.paths.cache_dir))
         log.info("dataset %s: %d train / %d val, input %s, %d classes%s", data.name, len(data.x_train),
                  len(data.x_val), data.in_shape, data.num_classes,
                  f", target domain {data.domain}" if data.domain else "")

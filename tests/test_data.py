@@ -1,5 +1,7 @@
 import gzip
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -25,6 +27,33 @@ def test_digits_stratified_fixed_split():
     assert abs(a.x_train.mean().item()) < 1e-4  # standardized with training statistics
     other = load_dataset(ds(name="digits", split_seed=1))
     assert not torch.equal(a.y_train, other.y_train)
+
+
+def test_digits_without_importing_sklearn_equal_load_digits():
+    from sklearn.datasets import load_digits
+
+    from kdexp.data.builtin import _digits_arrays
+
+    images, target = _digits_arrays()
+    d = load_digits()
+    assert np.array_equal(images, d.images) and np.array_equal(target, d.target)
+
+
+def test_cached_splits_equal_fresh_ones_and_spare_the_sklearn_import(tmp_path):
+    fresh = load_dataset(ds(name="digits", split_seed=3))
+    first = load_dataset(ds(name="digits", split_seed=3), cache_dir=str(tmp_path))
+    again = load_dataset(ds(name="digits", split_seed=3), cache_dir=str(tmp_path))
+    assert len(list((tmp_path / "splits").glob("*.npz"))) == 1
+    for k in ("x_train", "y_train", "x_val", "y_val"):
+        assert torch.equal(getattr(fresh, k), getattr(first, k)) and torch.equal(getattr(fresh, k), getattr(again, k))
+    other = load_dataset(ds(name="digits", split_seed=4, val_fraction=0.3), cache_dir=str(tmp_path))
+    assert len(list((tmp_path / "splits").glob("*.npz"))) == 2 and len(other.x_val) == 540
+    code = ("import sys; from omegaconf import OmegaConf; from kdexp.config import DatasetConfig; "
+            "from kdexp.data import load_dataset; "
+            "load_dataset(OmegaConf.merge(OmegaConf.structured(DatasetConfig), {'name': 'digits', 'split_seed': 3}), "
+            f"cache_dir={str(tmp_path)!r}); print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
 
 
 def test_class_subset_remaps_labels_in_given_order():

@@ -27,16 +27,6 @@ TERM = {"fitnet": "hint", "at": "at", "nst": "nst", "ab": None, "ft": "ft", "fsp
         "rkd": "rkd", "cc": "cc", "vid": "vid", "crd": "crd", "darkrank": "darkrank", "jacobian": "jacobian"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: intra-op threads do not help them, and on a busy machine
-    oversubscribed threads make them many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")

@@ -75,7 +75,7 @@ def test_teacher_checkpoint_is_loaded(compose_cfg, tmp_path):
 def test_ce_needs_no_teacher(compose_cfg, tmp_path):
     run(compose_cfg(*FAST, "method=ce"), str(tmp_path / "run"))
     assert read(tmp_path / "run" / "metrics.json")["teacher"]["source"] == "none"
-    assert not (tmp_path / "cache").exists()
+    assert not (tmp_path / "cache" / "teachers").exists()  # (cache/splits/ holds the dataset split)
 
 
 def test_bad_value_fails_with_status_failed(compose_cfg, tmp_path):

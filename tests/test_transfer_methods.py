@@ -29,14 +29,6 @@ OPTIM = OmegaConf.create({"name": "adam", "lr": 0.01, "momentum": 0.9, "nesterov
                           "schedule": "none", "milestones": [], "gamma": 0.1})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("teachers")  # teachers trained once for the whole module

@@ -23,14 +23,6 @@ PRESETS = {"cifar100_resnet32x4_resnet8x4": ("resnet32x4", "resnet8x4"),
            "cifar100_vgg13_vgg8": ("vgg13", "vgg8")}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_zoo_is_registered():
     assert set(CIFAR + TORCHVISION) <= set(list_models())
 

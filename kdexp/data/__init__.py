@@ -1,11 +1,12 @@
 """Datasets as in-memory tensors. A dataset builder returns raw splits; `load_dataset`
 applies the class subset, normalization and label remapping the same way for all."""
+import hashlib
+import os
 from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
 from kdexp.errors import ConfigError, DataError
 from kdexp.registry import Registry
@@ -52,9 +53,30 @@ class Data:
         return replace(self, x_train_target=None, x_val_target=None, domain=None)
 
 
+# Where stratified_split keeps the index arrays it computed (set by load_dataset from paths.cache_dir):
+# scikit-learn takes ~1.4 s to import, more than a default run's training, and is needed for nothing else.
+_SPLIT_CACHE: Optional[str] = None
+
+
 def stratified_split(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int):
-    """Fixed-seed stratified split -> x_train, x_val, y_train, y_val."""
-    return train_test_split(x, y, test_size=val_fraction, random_state=seed, stratify=y)
+    """Fixed-seed stratified split (scikit-learn's train_test_split) -> x_train, x_val, y_train, y_val.
+    The split depends only on the labels, the fraction and the seed, so its index arrays are kept
+    under <paths.cache_dir>/splits/ and reused by later runs without importing scikit-learn."""
+    y = np.asarray(y)
+    key = hashlib.sha256(np.ascontiguousarray(y).tobytes() + f"{y.dtype}/{val_fraction}/{seed}".encode()).hexdigest()[:20]
+    path = os.path.join(_SPLIT_CACHE, "splits", f"{key}.npz") if _SPLIT_CACHE else None
+    if path and os.path.isfile(path):
+        with np.load(path) as f:
+            tr, va = f["train"], f["val"]
+    else:
+        from sklearn.model_selection import train_test_split
+
+        tr, va = train_test_split(np.arange(len(y)), test_size=val_fraction, random_state=seed, stratify=y)
+        if path:
+            from kdexp.engine.checkpoint import atomic_write
+
+            atomic_write(path, lambda f: np.savez(f, train=tr, val=va))
+    return x[tr], x[va], y[tr], y[va]
 
 
 def labeled_mask(y: np.ndarray, fraction: float, seed: int) -> torch.Tensor:
@@ -68,6 +90,8 @@ def labeled_mask(y: np.ndarray, fraction: float, seed: int) -> torch.Tensor:
                           f"{classes} classes; use at least {classes / n:.4f}")
     if keep == n:
         return torch.ones(n, dtype=torch.bool)
+    from sklearn.model_selection import train_test_split
+
     try:
         chosen, _ = train_test_split(np.arange(n), train_size=keep, random_state=seed, stratify=y)
     except ValueError as e:  # e.g. fewer unlabeled samples left than classes
@@ -95,13 +119,18 @@ def _select_classes(x, y, classes, split: str):
     return x[keep], np.array([remap[int(v)] for v in y[keep]], dtype=np.int64)
 
 
-def load_dataset(cfg, domain=None) -> Data:
+def load_dataset(cfg, domain=None, cache_dir: Optional[str] = None) -> Data:
     """Build the dataset named cfg.name -> Data (float32 inputs, int64 labels). `domain` (a
     conf/domain config) adds the target views: its transforms are applied to the raw images
     (after the class subset, before normalization), and both views are standardized with the
-    source training statistics."""
+    source training statistics. `cache_dir` (paths.cache_dir): where splits are kept."""
+    global _SPLIT_CACHE
     build = DATASETS.get(cfg.name)
-    x_tr, y_tr, x_va, y_va, num_classes = build(cfg)
+    _SPLIT_CACHE = os.path.expanduser(cache_dir) if cache_dir else None
+    try:
+        x_tr, y_tr, x_va, y_va, num_classes = build(cfg)
+    finally:
+        _SPLIT_CACHE = None
     y_tr, y_va = np.asarray(y_tr).astype(np.int64), np.asarray(y_va).astype(np.int64)
     if cfg.classes:
         classes = [int(c) for c in cfg.classes]

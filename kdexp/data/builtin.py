@@ -1,4 +1,5 @@
 """Datasets that need no download: scikit-learn's digits (the default) and user .npz files."""
+import importlib.util
 import os
 
 import numpy as np
@@ -7,14 +8,27 @@ from kdexp.data import as_images, register_dataset, stratified_split
 from kdexp.errors import ConfigError, DataError
 
 
-@register_dataset("digits")
-def digits(cfg):
-    """scikit-learn load_digits: 1,797 real 8x8 grayscale digits (values 0..16), 10 classes."""
+def _digits_arrays():
+    """(images (N,8,8) float64 in 0..16, labels (N,)): scikit-learn's load_digits. Its data file is
+    read directly when it is where scikit-learn keeps it, which spares importing scikit-learn."""
+    spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, "datasets", "data", "digits.csv.gz")
+        if os.path.isfile(path):
+            data = np.loadtxt(path, delimiter=",")  # 64 pixels then the label per row, as load_digits reads it
+            return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = (d.images / 16.0).astype(np.float32)[:, None]  # (N,1,8,8) in [0,1]
-    x_tr, x_va, y_tr, y_va = stratified_split(x, d.target, cfg.val_fraction, cfg.split_seed)
+    return d.images, d.target
+
+
+@register_dataset("digits")
+def digits(cfg):
+    """scikit-learn load_digits: 1,797 real 8x8 grayscale digits (values 0..16), 10 classes."""
+    images, target = _digits_arrays()
+    x = (images / 16.0).astype(np.float32)[:, None]  # (N,1,8,8) in [0,1]
+    x_tr, x_va, y_tr, y_va = stratified_split(x, target, cfg.val_fraction, cfg.split_seed)
     return x_tr, y_tr, x_va, y_va, 10
 
 

@@ -6,7 +6,9 @@ import tempfile
 import torch
 
 
-def _atomic(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
+    """Write a file through `write(binary file object)`: a temporary file, flushed and fsynced,
+    then renamed over `path`."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
     try:
@@ -22,8 +24,8 @@ def _atomic(path: str, write) -> None:
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    _atomic(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_json_dump(obj, path: str) -> None:
-    _atomic(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))

@@ -205,7 +205,7 @@ def train_group(jobs: Sequence[Job]) -> List[float]:
     if device.type not in ("cpu", "cuda"):
         raise NotFusable(f"device {device}")
     accel = Accelerator(device, cfg0.hardware)
-    data = accel.data_to_device(load_dataset(cfg0.dataset))
+    data = accel.data_to_device(load_dataset(cfg0.dataset, cache_dir=cfg0.paths.cache_dir))
     method_cls = get_method(cfg0.method.name)
 
     # students first (no files yet): the architecture decides whether the group fuses

@@ -255,7 +255,7 @@ def _provide_one(tcfg, cfg, data: Data) -> Tuple[torch.nn.Module, dict]:
     dataset_cfg = cfg.dataset
     if tcfg.get("classes"):  # pretrained on another class subset (layer transfer), issue 6
         dataset_cfg = OmegaConf.merge(cfg.dataset, {"classes": list(tcfg.classes)})
-        data = load_dataset(dataset_cfg).to(device)
+        data = load_dataset(dataset_cfg, cache_dir=cfg.paths.cache_dir).to(device)
     model = get_model(tcfg.arch, data.in_shape, data.num_classes, **tcfg.args)
     if tcfg.checkpoint:
         _load_state(os.path.expanduser(tcfg.checkpoint), model, "teacher.checkpoint")
