@@ -61,6 +61,9 @@ def hparams_of(cfg: DictConfig) -> dict:
         from kdexp.data.domain import describe, parse_transforms
 
         hp["domain"] = describe(parse_transforms(cfg.domain))
+    if cfg.dataset.get("augment", "none") != "none":
+        hp["dataset.augment"] = cfg.dataset.augment
+        hp["dataset.augment_views"] = cfg.dataset.augment_views
     return hp
 
 

@@ -100,3 +100,14 @@ def test_fresh_draws_run_the_teacher_online(compose_cfg, tmp_path):
     run(cfg2, str(tmp_path / "run2"))
     m2 = read(tmp_path / "run2" / "metrics.json")
     assert m2["teacher"]["key"] == m["teacher"]["key"] and m2["teacher"]["source"] == "cache"
+
+
+def test_an_augmented_run_resumes_with_the_same_draws(compose_cfg, tmp_path):
+    aug = ["teacher.epochs=2", "progress=false", "dataset.augment=crop_flip", "dataset.augment_pad=1"]
+    full = run(compose_cfg("epochs=3", *aug), str(tmp_path / "full"))
+    run(compose_cfg("epochs=2", *aug), str(tmp_path / "part"))
+    resumed = run(compose_cfg("epochs=3", *aug), str(tmp_path / "part"))  # epoch 3 draws as in the full run
+    assert resumed == full
+    a, b = read(tmp_path / "full" / "metrics.json"), read(tmp_path / "part" / "metrics.json")
+    assert a["final"]["train/loss"] == b["final"]["train/loss"]
+    assert a["hparams"]["dataset.augment"] == "crop_flip"
