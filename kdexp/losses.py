@@ -1,6 +1,11 @@
 """Distillation losses as pure functions of tensors, like torch.nn.functional: no state,
 no config. Shapes: logits are (B, C); every loss returns a scalar averaged over the batch.
 Each docstring states the convention chosen where papers and peer code disagree."""
+import itertools
+import math
+import warnings
+from typing import Iterable, Optional, Sequence, Tuple
+
 import torch
 import torch.nn.functional as F
 
@@ -101,9 +106,6 @@ def kd_ce_loss_soft(student_logits: torch.Tensor, labels: torch.Tensor, teacher_
 # virtual teacher, DKD, DIST, mutual learning, teacher ensembles, the MEAL V2 discriminator.
 # Temperature softening and KL come from `soften` / `kl_div_log` / `kd_loss` above.
 # ---------------------------------------------------------------------------------------
-from typing import Sequence, Tuple  # noqa: E402
-import math  # noqa: E402
-import warnings  # noqa: E402
 
 
 def logit_mse_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -272,9 +274,6 @@ def discriminator_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tens
 # embeddings (B,D) (anything else is flattened per sample). Spatial matching and channel
 # connectors are the methods' job (kdexp.models.connectors); these functions are pure.
 # =======================================================================================
-import itertools  # noqa: E402
-import math  # noqa: E402,F811
-from typing import Optional, Sequence  # noqa: E402,F811
 
 
 def fitnet_loss(student_regressed: torch.Tensor, teacher_hint: torch.Tensor) -> torch.Tensor:
@@ -533,7 +532,6 @@ def jacobian_loss(student_grad: torch.Tensor, teacher_grad: torch.Tensor) -> tor
 # Transfer learning and domain adaptation (issue 6): teacher/student adaptation on parallel
 # data, cross-quality distillation, L2-SP, gradient reversal and DANN's domain loss.
 # =======================================================================================
-from typing import Iterable  # noqa: E402
 
 
 def ts_adapt_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, match: str = "logits",

@@ -10,23 +10,8 @@ import torch.nn as nn
 
 from kdexp.config import MethodConfig
 from kdexp.errors import ConfigError
-from kdexp.losses import discriminator_loss, kd_loss, soften
+from kdexp.losses import discriminator_loss, gradient_reversal, kd_loss, soften
 from kdexp.methods import Method, register_method
-
-
-class _GradReverse(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return -grad
-
-
-def grad_reverse(x: torch.Tensor) -> torch.Tensor:
-    """Identity forward, negated gradient backward (Ganin & Lempitsky 2015)."""
-    return _GradReverse.apply(x)
 
 
 def output_discriminator(num_classes: int, hidden: int) -> nn.Module:
@@ -100,6 +85,6 @@ class MEALV2(Method):
             terms["kd"] = self.cfg.alpha * kd_loss(s, t, T)
         if self.cfg.beta:
             real = self.discriminator(soften(t, T).exp())
-            fake = self.discriminator(grad_reverse(soften(s, T).exp()))
+            fake = self.discriminator(gradient_reversal(soften(s, T).exp()))
             terms["adv"] = self.cfg.beta * discriminator_loss(real, fake)
         return terms

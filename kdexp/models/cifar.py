@@ -36,6 +36,24 @@ def _channels(name: str, in_shape) -> int:
 
 # ------------------------------------------------------------------------------- ResNet (CIFAR)
 
+def fan_out_init(model: nn.Module, linear_std=None) -> None:
+    """RepDistiller's initialization of WRN, VGG and MobileNetV2 (in module order, so seeded
+    models are reproducible): conv weights N(0, sqrt(2 / (k_h k_w out))) and biases 0, BatchNorm
+    1 and 0, linear biases 0 and, given linear_std, linear weights N(0, linear_std)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.weight.data.normal_(0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+            if m.bias is not None:
+                m.bias.data.zero_()
+        elif isinstance(m, nn.BatchNorm2d):
+            m.weight.data.fill_(1)
+            m.bias.data.zero_()
+        elif isinstance(m, nn.Linear):
+            if linear_std is not None:
+                m.weight.data.normal_(0, linear_std)
+            m.bias.data.zero_()
+
+
 class BasicBlock(nn.Module):
     """3x3 conv-BN-ReLU, 3x3 conv-BN, + shortcut (1x1 conv-BN when the shape changes), ReLU."""
 
@@ -168,14 +186,7 @@ class WideResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(ch[3], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight.data.normal_(0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.bias.data.zero_()
+        fan_out_init(self)
         # Stage outputs as the network produces them (pre-activation design: before BN-ReLU);
         # preact: the BN that the next stage applies to them (RepDistiller's preact features).
         set_feature_layers(self, stem="conv1", stages=["block1", "block2", "block3"],
@@ -226,16 +237,7 @@ class VGG(nn.Module):
         self.pool4 = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.classifier = nn.Linear(c, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight.data.normal_(0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
-                m.bias.data.zero_()
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.weight.data.normal_(0, 0.01)
-                m.bias.data.zero_()
+        fan_out_init(self, linear_std=0.01)
         set_feature_layers(self, stem="act0", stages=["act1", "act2", "act3", "act4"],
                            preact=["block1", "block2", "block3", "block4"], embedding="flatten")
 
@@ -308,15 +310,7 @@ class MobileNetV2(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.classifier = nn.Sequential(nn.Linear(last, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight.data.normal_(0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.weight.data.normal_(0, 0.01)
-                m.bias.data.zero_()
+        fan_out_init(self, linear_std=0.01)
         # block outputs are linear (no ReLU): stages and preact coincide
         set_feature_layers(self, stem="conv1", stages=["blocks.1", "blocks.2", "blocks.4", "blocks.6"],
                            embedding="flatten")
