@@ -80,6 +80,8 @@ def test_what_does_not_fuse_says_why(compose_cfg):
     assert "method=dkd" in fused.config_reason(compose_cfg("method=dkd"))
     assert "teacher.cache=false" in fused.config_reason(compose_cfg("method=kd", "teacher.cache=false"))
     assert "ddp" in fused.config_reason(compose_cfg("method=kd", "hardware=ddp"))
+    assert "dataset.augment=crop" in fused.config_reason(compose_cfg("method=kd", "dataset.augment=crop"))
+    assert "domain" in fused.config_reason(compose_cfg("method=kd", "domain=vflip"))
     assert fused.student_reason(get_model("mlp", (1, 8, 8), 10)) is None
     assert fused.student_reason(get_model("lenet5", (1, 8, 8), 10)) is None
     assert fused.student_reason(get_model("cnn", (1, 8, 8), 10)) is None  # dropout p=0: inactive
