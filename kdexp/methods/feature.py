@@ -10,6 +10,7 @@ input); null takes the architecture's defaults (the end of each stage, its pre-a
 or the penultimate embedding, see kdexp.models.taps). Two-stage methods (fitnet's hint
 stage, ab, ft, fsp) run their first stage in `prepare` for method.init_epochs epochs.
 """
+import abc
 import logging
 import math
 from dataclasses import dataclass
@@ -117,8 +118,9 @@ class FeatureMethod(Method):
     def build(self, s_shapes: List[Tuple[int, ...]], t_shapes: List[Tuple[int, ...]]) -> None:
         """Create the connectors for these feature shapes (without batch). Default: none."""
 
+    @abc.abstractmethod
     def feature_loss(self, s: List[torch.Tensor], t: List[torch.Tensor], batch: Batch) -> torch.Tensor:
-        raise NotImplementedError
+        """The method's term from the paired student/teacher features (lists in layer order)."""
 
     # -- forward -------------------------------------------------------------------------------
     def _require_teacher(self) -> None:
