@@ -22,7 +22,7 @@ from kdexp.engine.checkpoint import atomic_json_dump, atomic_torch_save
 from kdexp.engine.fit import fit
 from kdexp.engine.hardware import SINGLE, Accelerator, NullRunLogger, apply_threads, init_distributed, shutdown_distributed
 from kdexp.engine.logging import RunLogger
-from kdexp.engine.resume import load_checkpoint, read_metrics
+from kdexp.engine.resume import finished_value, load_checkpoint
 from kdexp.engine.runinfo import write_run_info
 from kdexp.engine.teacher import provide_teacher
 from kdexp.engine.teacher_cache import wrap_teacher
@@ -74,12 +74,9 @@ def run(cfg: DictConfig, run_dir: str, overrides=()) -> float:
     dist = init_distributed(cfg.hardware)  # hardware=ddp under torchrun; else one process
     run_dir = dist.broadcast_object(run_dir)  # rank 0's run directory (timestamps may differ per rank)
     ckpt_path = os.path.join(run_dir, "checkpoints", "last.pt")
-    previous = read_metrics(run_dir)
-    if (previous and previous.get("status") == "done" and not cfg.force
-            and len(previous.get("history", [])) >= cfg.epochs):  # more epochs than before: continue it
-        log.info("%s is already done (val/acc %.4f); skipping it (force=true reruns it)", run_dir,
-                 previous["final"]["val/acc"])
-        return float(previous["final"]["val/acc"])
+    done = finished_value(cfg, run_dir)
+    if done is not None:
+        return done
     try:
         validate(cfg)
         state, record = load_checkpoint(cfg, run_dir)

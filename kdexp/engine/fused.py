@@ -43,7 +43,7 @@ from kdexp.engine.fit import epoch_batches, evaluate
 from kdexp.engine.hardware import Accelerator
 from kdexp.engine.logging import RunLogger
 from kdexp.engine.optim import build_optimizer, build_scheduler
-from kdexp.engine.resume import read_metrics
+from kdexp.engine.resume import finished_value, flatten
 from kdexp.engine.runinfo import write_run_info
 from kdexp.engine.teacher import provide_teacher
 from kdexp.engine.teacher_cache import TeacherCache
@@ -79,17 +79,9 @@ class Outcome:
 
 
 # ------------------------------------------------------------------------------- grouping
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
 def group_key(cfg) -> str:
     """Everything in the resolved config except the keys a fused group may vary."""
-    flat = _flat(OmegaConf.to_container(cfg, resolve=True))
+    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
     return json.dumps({k: v for k, v in flat.items() if k not in FUSABLE_KEYS}, sort_keys=True, default=str)
 
 
@@ -119,7 +111,7 @@ def config_reason(cfg) -> Optional[str]:
 
 def run_labels(cfgs) -> List[str]:
     """Short names of the runs of a group: the fusable keys that vary in it (e.g. 'method.temperature=2 seed=1')."""
-    flats = [_flat(OmegaConf.to_container(c, resolve=True)) for c in cfgs]
+    flats = [flatten(OmegaConf.to_container(c, resolve=True)) for c in cfgs]
     varying = [k for k in FUSABLE_KEYS if len({json.dumps(f.get(k)) for f in flats}) > 1]
     return [" ".join(f"{k}={f.get(k)}" for k in varying) or "(identical)" for f in flats]
 
@@ -139,12 +131,9 @@ def plan(jobs: Sequence[Job]) -> List[Outcome]:
     out = []
     for job in jobs:
         cfg = job.cfg
-        previous = read_metrics(job.run_dir)
-        if (previous and previous.get("status") == "done" and not cfg.force
-                and len(previous.get("history", [])) >= cfg.epochs):
-            log.info("%s is already done (val/acc %.4f); skipping it (force=true reruns it)", job.run_dir,
-                     previous["final"]["val/acc"])
-            out.append(Outcome(job, float(previous["final"]["val/acc"]), status="skipped"))
+        done = finished_value(cfg, job.run_dir)
+        if done is not None:
+            out.append(Outcome(job, done, status="skipped"))
             continue
         reason = config_reason(cfg)
         if reason is None and cfg.resume and not cfg.force and os.path.isfile(

@@ -26,18 +26,31 @@ def read_metrics(run_dir: str) -> Optional[dict]:
         return None  # a run killed before its first write: start over
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def finished_value(cfg, run_dir: str) -> Optional[float]:
+    """The final val/acc of a run directory that is already done for `cfg` (skipped, unless
+    force=true; a run asked for more epochs than it has is continued instead), else None."""
+    previous = read_metrics(run_dir)
+    if (previous and previous.get("status") == "done" and not cfg.force
+            and len(previous.get("history", [])) >= cfg.epochs):
+        value = float(previous["final"]["val/acc"])
+        log.info("%s is already done (val/acc %.4f); skipping it (force=true reruns it)", run_dir, value)
+        return value
+    return None
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested dict as {"a.b.c": value}."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+        out.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
     return out
 
 
 def config_changes(saved: dict, cfg) -> list:
     """Keys (dotted) whose values differ between a checkpoint's config and `cfg`."""
-    now = _flat({k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in MAY_CHANGE})
-    before = _flat({k: v for k, v in saved.items() if k not in MAY_CHANGE})
+    now = flatten({k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in MAY_CHANGE})
+    before = flatten({k: v for k, v in saved.items() if k not in MAY_CHANGE})
     return sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
 
 
