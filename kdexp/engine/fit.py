@@ -38,12 +38,11 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
 
 
 def make_batch(data: Data, idx: torch.Tensor, views: Optional["EpochViews"] = None) -> Batch:
-    """The training batch at positions `idx`; with a transfer set (data.labeled), samples without
-    a label get y = UNLABELED so that no label-driven term can use them by accident. `views`:
-    this epoch's augmented inputs (dataset.augment), else data.x_train itself."""
+    """The training batch at positions `idx` of this epoch's inputs `views` (epoch_views; default:
+    data.x_train itself); with a transfer set (data.labeled), samples without a label get
+    y = UNLABELED so that no label-driven term can use them by accident."""
+    views = views or epoch_views(data, None, 0, None)
     y = data.y_train.index_select(0, idx)  # index_select: several times faster than x[idx] for image batches
-    if views is None:
-        views = EpochViews(data.x_train, data.x_train_target, getattr(data, "view", "train"))
     x = views.x.index_select(0, idx)
     view = views.name  # the key of the teacher-output cache (kdexp.engine.teacher_cache)
     x_target = views.x_target.index_select(0, idx) if views.x_target is not None else None
@@ -61,16 +60,16 @@ class EpochViews:
     name: str  # the teacher-output cache's key: "train", or "train@aug<draw>" for an augmentation draw
 
 
-def epoch_views(data: Data, augment, epoch: int, method: Method) -> Optional[EpochViews]:
-    """None without augmentation; else the epoch's draw. With dataset.augment_views=K the K draws
-    are registered as views of the teacher-output cache (so its outputs are cached per draw);
-    fresh per-epoch draws are not, and the teacher runs online on them."""
+def epoch_views(data: Data, augment, epoch: int, method: Method) -> EpochViews:
+    """The epoch's inputs: data.x_train itself without augmentation, else the epoch's draw. With
+    dataset.augment_views=K the K draws are registered as views of the teacher-output cache (so
+    its outputs are cached per draw); fresh per-epoch draws are not, and the teacher runs online."""
+    x_target, name = getattr(data, "x_train_target", None), getattr(data, "view", "train")
     if augment is None:
-        return None
+        return EpochViews(data.x_train, x_target, name)
     draw = augment.draw_of_epoch(epoch)
-    x_target = getattr(data, "x_train_target", None)
     views = EpochViews(augment.view(data.x_train, draw), None if x_target is None else augment.view(x_target, draw),
-                       f"{getattr(data, 'view', 'train')}@aug{draw}")
+                       f"{name}@aug{draw}")
     if augment.views:
         register_view(method, views.name, views.x)
     return views

@@ -98,7 +98,8 @@ def teacher_key(tcfg, dataset_cfg, data: Data) -> str:
     ds = {k: v for k, v in OmegaConf.to_container(dataset_cfg, resolve=True).items()
           if k not in ("root", "download", "augment_views") and (k != "label_fraction" or t.get("labeled_only"))}
     if ds.get("augment", "none") == "none":  # keys of runs without augmentation stay as they were
-        ds.pop("augment", None), ds.pop("augment_pad", None)
+        for k in ("augment", "augment_pad"):
+            ds.pop(k, None)
     blob = json.dumps({"v": CACHE_VERSION, "teacher": recipe, "dataset": ds, "data": data_fingerprint(data)},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
