@@ -8,19 +8,9 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from kdexp.data.domain import validate_domain
 from kdexp.errors import ConfigError
-
-
-@dataclass
-class OptimConfig:
-    name: str = "adam"  # adam | adamw | sgd
-    lr: float = 1e-3
-    momentum: float = 0.9  # sgd only
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    schedule: str = "none"  # none | cosine | step | dann (per step: lr / (1 + 10 p)^0.75, Ganin & Lempitsky)
-    milestones: List[int] = field(default_factory=list)  # step: epochs where lr *= gamma
-    gamma: float = 0.1
+from kdexp.methods import METHODS, MethodConfig, OptimConfig  # noqa: F401  (the method schemas; re-exported)
 
 
 @dataclass
@@ -94,17 +84,6 @@ class TeacherConfig(ModelConfig):
 
 
 @dataclass
-class MethodConfig:
-    """Keys every method has, so one `-m` sweep can span methods. A method that does not
-    use one ignores it (`ce` ignores temperature and alpha)."""
-    name: str = MISSING
-    temperature: float = 4.0  # softening temperature T of every soft-target term
-    alpha: float = 0.9  # weight of the KD term
-    beta: float = 0.0  # weight of the method's own term
-    w_ce: Optional[float] = None  # weight of CE on labels; null -> 1 - alpha
-
-
-@dataclass
 class DomainConfig:
     """A domain shift (kdexp.data.domain): `transforms` applied in order to the raw images give
     every sample's target view; the source view is the image as loaded. Parameters of a transform
@@ -168,9 +147,7 @@ class Config:
 
 def register_configs() -> None:
     """Store the schemas in Hydra's ConfigStore. Method schemas come from the method
-    registry, so importing kdexp.methods first registers them."""
-    from kdexp.methods import METHODS
-
+    registry."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     cs.store(group="schema/dataset", name="base", node=DatasetConfig)
@@ -206,8 +183,6 @@ def validate_teacher(t, key: str) -> None:
 
 def validate(cfg) -> None:
     """Range checks that a type system cannot express."""
-    from kdexp.data.domain import validate_domain
-
     validate_domain(cfg.get("domain"))
     m = cfg.method
     _check(m.temperature > 0, "method.temperature", m.temperature, "must be > 0")
@@ -215,6 +190,10 @@ def validate(cfg) -> None:
     _check(m.beta >= 0, "method.beta", m.beta, "must be >= 0")
     if m.w_ce is not None:
         _check(m.w_ce >= 0, "method.w_ce", m.w_ce, "must be >= 0 (or null for 1 - alpha)")
+    if m.get("init_optim") is not None:  # a method with a first stage (kdexp.methods.feature.StagedConfig)
+        validate_optim(m.init_optim, "method.init_optim")
+        _check(m.init_epochs >= 0, "method.init_epochs", m.init_epochs, "must be >= 0 (0: no first stage)")
+        _check(m.init_batch_size >= 1, "method.init_batch_size", m.init_batch_size, "must be >= 1")
     _check(cfg.epochs >= 1, "epochs", cfg.epochs, "must be >= 1")
     _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be >= 1")
     validate_teacher(cfg.teacher, "teacher")

@@ -32,6 +32,32 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return temperature ** 2 * kl_div_log(soften(teacher_logits, temperature), soften(student_logits, temperature))
 
 
+def ce_loss(logits: torch.Tensor, labels: torch.Tensor, weight=1.0, ignore_index: int = -1) -> torch.Tensor:
+    """weight * cross-entropy on labels, averaged over the labeled samples (labels != ignore_index;
+    0 when there are none). Shapes: logits (..., B, C), labels (..., B) -> (...): leading dims are
+    independent groups (the students of a fused sweep), `weight` a float or a tensor of shape (...).
+    Every method's CE term (`Method.ce`) and a fused sweep's are this function."""
+    n = (labels != ignore_index).sum(-1).clamp_min(1)
+    if logits.dim() == 2:
+        return weight * F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum") / n
+    c = logits.shape[-1]
+    per = F.cross_entropy(logits.reshape(-1, c), labels.reshape(-1), ignore_index=ignore_index, reduction="none")
+    return weight * per.view(labels.shape).sum(-1) / n
+
+
+def soft_kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, teacher_neg_entropy: torch.Tensor,
+                 temperature, weight=1.0) -> torch.Tensor:
+    """weight * kd_loss from the teacher's softened distribution p = softmax(t/T) and its negative
+    entropy sum_c p log p instead of its logits (what the teacher-output cache serves per T):
+    weight * T^2 * mean_b (sum p log p - sum p log softmax(s/T)). Shapes: student_logits and
+    teacher_probs (..., B, C), teacher_neg_entropy (..., B) -> (...); `temperature` and `weight` are
+    floats or tensors of shape (...) (one per fused student). Written out instead of F.kl_div,
+    which has no vmap batching rule."""
+    t = torch.as_tensor(temperature, dtype=student_logits.dtype, device=student_logits.device)
+    log_q = torch.log_softmax(student_logits / t.view(*t.shape, 1, 1), dim=-1)
+    return weight * t ** 2 * (teacher_neg_entropy - (teacher_probs * log_q).sum(-1)).mean(-1)
+
+
 _MINUS_ONES = {}
 
 

@@ -29,12 +29,13 @@ class Registry:
 
         return decorator
 
-    def get(self, name: str):
+    def get(self, name: str, key: str = ""):
+        """The entry `name`; `key` (e.g. "student.arch") names the config key in the error."""
         if name not in self._items:
             close = difflib.get_close_matches(str(name), self._items, n=3, cutoff=0.5)
             hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-            raise UnknownNameError(
-                f"unknown {self.kind} {name!r}.{hint} Registered {self.kind}s: {', '.join(self.names())}")
+            where = f"{key}={name!r}: unknown {self.kind}" if key else f"unknown {self.kind} {name!r}"
+            raise UnknownNameError(f"{where}.{hint} Registered {self.kind}s: {', '.join(self.names())}")
         return self._items[name]
 
     def meta(self, name: str) -> dict:

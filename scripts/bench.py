@@ -50,9 +50,11 @@ import kdexp.train  # noqa: E402,F401  (registers the configs)
 from kdexp import config_dir  # noqa: E402
 from kdexp.data import load_dataset  # noqa: E402
 from kdexp.engine.fit import fit  # noqa: E402
+from kdexp.engine.plan import plan  # noqa: E402
+from kdexp.engine.source import InMemorySource  # noqa: E402
+from kdexp.engine.steppers import MethodStepper  # noqa: E402
 from kdexp.engine.teacher import provide_teacher  # noqa: E402
-from kdexp.engine.teacher_cache import wrap_teacher  # noqa: E402
-from kdexp.methods import get_method  # noqa: E402
+from kdexp.engine.teacher_cache import cached_teacher  # noqa: E402
 from kdexp.models import get_model  # noqa: E402
 from kdexp.seeding import derive_seed  # noqa: E402
 
@@ -204,23 +206,23 @@ class Bench:
 
     # -- the ratios ----------------------------------------------------------------------------------
     def build(self, cfg, teacher):
-        """The method as kdexp.train.run builds it (student init seed, teacher-output cache)."""
-        method_cls = get_method(cfg.method.name)
+        """The method as a run assembles it (student init seed, teacher-output cache per the plan)."""
+        p = plan(cfg)
         torch.manual_seed(derive_seed(cfg.seed, "student/init"))
         student = get_model(cfg.student.arch, self.data.in_shape, self.data.num_classes, **cfg.student.args)
-        t = wrap_teacher(teacher, cfg, method_cls, self.data)[0] if method_cls.uses_teacher else None
-        return method_cls(cfg.method, student, t)
+        t = cached_teacher(teacher, p.cache, self.data)[0] if p.requires.uses_teacher else None
+        return p.method_cls(cfg.method, student, t)
 
     def kdexp_epoch(self, method, cfg, seed):
         """One epoch of kdexp's fit loop -> its epoch time (time/epoch_cpu_s or time/epoch_s)."""
-        return fit(method, self.data, optim_cfg=cfg.optim, epochs=1, batch_size=cfg.batch_size, seed=seed)[0][
-            self.epoch_key]
+        source = InMemorySource(self.data, batch_size=cfg.batch_size, seed=seed)
+        return fit(MethodStepper(method, self.data), source, optim_cfg=cfg.optim, epochs=1)[0][self.epoch_key]
 
     def a_b(self):
         cfg_kd, cfg_ce = self.cfg("method=kd"), self.cfg("method=ce")
         cfg_online = self.cfg("method=kd", "teacher.cache=false")
         self.data = load_dataset(cfg_kd.dataset)
-        teacher, _ = provide_teacher(cfg_kd, self.data)  # trained once (teacher.epochs=1) and cached
+        teacher, _ = provide_teacher(plan(cfg_kd), self.data)  # trained once (teacher.epochs=1) and cached
         kd, ce = self.build(cfg_kd, teacher), self.build(cfg_ce, teacher)
         _, student = self.hand_models(self.data)
         t_hand = teacher.model

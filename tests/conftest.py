@@ -38,3 +38,13 @@ def compose_cfg(tmp_path):
 @pytest.fixture
 def python():
     return sys.executable
+
+
+def fit_method(method, data, *, optim_cfg, epochs, batch_size, seed, pool="all", **kw):
+    """The one fit loop on a method with in-memory batches (what a single run does after assembly)."""
+    from kdexp.engine.fit import fit
+    from kdexp.engine.source import InMemorySource
+    from kdexp.engine.steppers import MethodStepper
+
+    source = InMemorySource(data, batch_size=batch_size, seed=seed, pool=pool)
+    return fit(MethodStepper(method, data), source, optim_cfg=optim_cfg, epochs=epochs, **kw)

@@ -9,7 +9,7 @@ from kdexp.data import load_dataset
 from kdexp.errors import ConfigError, DataError
 from kdexp.methods import get_method
 from kdexp.models import get_model
-from kdexp.train import select_device
+from kdexp.engine.hardware import select_device
 from tests.conftest import GROUPS, group_options
 
 OFFLINE_DATASETS = {"mnist", "fashion_mnist", "cifar10", "cifar100"}  # need files under dataset.root
@@ -34,7 +34,7 @@ def test_method_options_build(compose_cfg, option):
     # a CNN teacher of the student's architecture suits every method: feature methods tap its
     # layers, ts_adapt/finetune copy its weights
     cls = get_method(option)
-    teacher = FrozenTeacher(get_model("cnn", (1, 8, 8), 10), in_shape=(1, 8, 8)) if cls.uses_teacher else None
+    teacher = FrozenTeacher(get_model("cnn", (1, 8, 8), 10), in_shape=(1, 8, 8)) if cls.requires.uses_teacher else None
     method = cls(cfg.method, student, teacher)
     trainable = [p for g in method.param_groups(cfg.optim) for p in g["params"]]
     assert trainable and all(p.requires_grad for p in trainable)

@@ -179,8 +179,7 @@ def test_npz_28x28_six_nine_subset_with_a_domain(tmp_path):
 
 
 def test_fit_batches_pair_views_by_index_and_training_views():
-    from kdexp.engine.domain import training_data
-    from kdexp.engine.fit import make_batch
+    from kdexp.engine.source import make_batch, training_view as training_data
 
     d = load_dataset(ds(name="digits", classes=[6, 9]), dom(transforms=["hflip"]))
     idx = torch.tensor([5, 0, 17])

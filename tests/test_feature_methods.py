@@ -11,6 +11,8 @@ from hydra.core.global_hydra import GlobalHydra
 from kdexp import config_dir
 from kdexp.data import load_dataset
 from kdexp.engine.optim import build_optimizer
+from kdexp.engine.assemble import Assembly, pretrain
+from kdexp.engine.plan import plan
 from kdexp.engine.teacher import FrozenTeacher, provide_teacher
 from kdexp.errors import ConfigError
 from kdexp.methods import Batch, get_method
@@ -51,7 +53,7 @@ def setup(cfg_of):
     def _setup(name, *overrides):
         cfg = cfg_of(f"method={name}", *overrides)
         data = load_dataset(cfg.dataset)
-        teacher, _ = provide_teacher(cfg, data)
+        teacher, _ = provide_teacher(plan(cfg), data)
         torch.manual_seed(0)
         student = get_model(cfg.student.arch, data.in_shape, data.num_classes, **cfg.student.args)
         return cfg, data, teacher, get_method(name)(cfg.method, student, teacher)
@@ -116,8 +118,8 @@ def test_connectors_get_gradients_and_are_in_the_optimizer(setup, name, attr):
 def test_ft_paraphraser_is_pretrained_then_frozen(setup):
     cfg, data, teacher, method = setup("ft", "method.init_epochs=2")
     before = [p.clone() for p in method.paraphraser.parameters()]
-    method.prepare(data, "cpu")
-    assert len(method.init_losses) == 2 and method.init_losses[1] < method.init_losses[0]
+    losses = pretrain(method, plan(cfg), Assembly(data, teacher), "cpu")["paraphraser pre-training"]
+    assert len(losses) == 2 and losses[1] < losses[0]
     assert any(not torch.equal(a, b) for a, b in zip(before, method.paraphraser.parameters()))
     assert not any(p.requires_grad for p in method.paraphraser.parameters())
     opt_params = {id(p) for g in method.param_groups(cfg.optim) for p in g["params"]}
@@ -131,10 +133,10 @@ def test_first_stage_lowers_its_loss(setup, name):
     method.train()
     with torch.no_grad():
         before = method.feature_loss(*[method.features(batch)[i] for i in (1, 3)], batch).item()
-    method.prepare(data, "cpu")
+    (losses,) = pretrain(method, plan(cfg), Assembly(data, teacher), "cpu").values()
     with torch.no_grad():
         after = method.feature_loss(*[method.features(batch)[i] for i in (1, 3)], batch).item()
-    assert len(method.init_losses) == 3 and after < 0.7 * before
+    assert len(losses) == 3 and after < 0.7 * before
 
 
 def test_crd_memory_bank_is_updated_at_the_batch_indices(setup):
@@ -250,10 +252,7 @@ def test_feature_taps():
         default_layers(torch.nn.Linear(3, 3), "stages")
 
 
-def test_method_needs_the_input_shape_and_a_teacher(setup):
+def test_method_needs_the_input_shape(setup):
     cfg, data, teacher, method = setup("at")
     with pytest.raises(ConfigError, match="in_shape"):
         get_method("at")(cfg.method, get_model("cnn", data.in_shape, 10), FrozenTeacher(teacher.model))
-    bare = get_method("at")(cfg.method, get_model("cnn", data.in_shape, 10), None)
-    with pytest.raises(ConfigError, match="needs a teacher"):
-        bare.losses(batch_of(data, range(4)))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kdexp.engine import fused
+from kdexp.engine.plan import student_reason
 from kdexp.models import get_model
 from kdexp.train import run
 
@@ -37,7 +38,7 @@ def test_fused_students_match_separate_runs(compose_cfg, tmp_path, method):
         variants = variants[:3]  # ce with w_ce=0 has nothing to train
     separate = [run(j.cfg, j.run_dir, j.overrides) for j in jobs_of(compose_cfg, tmp_path, variants, "sep")]
     jobs = jobs_of(compose_cfg, tmp_path, variants, "fus")
-    assert [o.status for o in fused.plan(jobs)] == ["fuse"] * len(jobs)
+    assert [o.status for o in fused.triage(jobs)] == ["fuse"] * len(jobs)
     values = fused.train_group(jobs)
     assert values == pytest.approx(separate, abs=1e-4)
     for i in range(len(variants)):
@@ -48,7 +49,7 @@ def test_fused_students_match_separate_runs(compose_cfg, tmp_path, method):
             for k in ha:
                 if not k.startswith("time/"):
                     assert hb[k] == pytest.approx(ha[k], abs=1e-4), (i, k)
-        assert b["teacher"]["key"] == a["teacher"]["key"]
+        assert b["teacher"]["key"] == a["teacher"]["key"] and b["hardware"] == a["hardware"]
         run_dir = tmp_path / f"fus{i}"
         assert (run_dir / "checkpoints" / "last.pt").is_file() and (run_dir / "run_info.json").is_file()
         assert list((run_dir / "tb").glob("events.out.tfevents*"))
@@ -82,11 +83,11 @@ def test_what_does_not_fuse_says_why(compose_cfg):
     assert "ddp" in fused.config_reason(compose_cfg("method=kd", "hardware=ddp"))
     assert "dataset.augment=crop" in fused.config_reason(compose_cfg("method=kd", "dataset.augment=crop"))
     assert "domain" in fused.config_reason(compose_cfg("method=kd", "domain=vflip"))
-    assert fused.student_reason(get_model("mlp", (1, 8, 8), 10)) is None
-    assert fused.student_reason(get_model("lenet5", (1, 8, 8), 10)) is None
-    assert fused.student_reason(get_model("cnn", (1, 8, 8), 10)) is None  # dropout p=0: inactive
-    assert "dropout" in fused.student_reason(get_model("cnn", (1, 8, 8), 10, dropout=0.3))
-    assert "BatchNorm" in fused.student_reason(get_model("resnet8", (3, 32, 32), 10))
+    assert student_reason(get_model("mlp", (1, 8, 8), 10)) is None
+    assert student_reason(get_model("lenet5", (1, 8, 8), 10)) is None
+    assert student_reason(get_model("cnn", (1, 8, 8), 10)) is None  # dropout p=0: inactive
+    assert "dropout" in student_reason(get_model("cnn", (1, 8, 8), 10, dropout=0.3))
+    assert "BatchNorm" in student_reason(get_model("resnet8", (3, 32, 32), 10))
     a, b = compose_cfg("method=kd", "method.temperature=2", "seed=1"), compose_cfg("method=kd", "seed=5")
     assert fused.group_key(a) == fused.group_key(b) != fused.group_key(compose_cfg("method=kd", "optim.lr=0.1"))
 

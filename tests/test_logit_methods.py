@@ -13,9 +13,9 @@ from omegaconf import OmegaConf
 from kdexp import config_dir
 from kdexp.config import validate
 from kdexp.data import load_dataset
-from kdexp.engine.fit import epoch_batches, make_batch
-from kdexp.engine.teacher import (EnsembleModel, FrozenTeacher, _train, provide_teacher, resolve_teachers,
-                                  teacher_key)
+from kdexp.engine.plan import plan, resolve_teachers
+from kdexp.engine.source import InMemorySource, make_batch
+from kdexp.engine.teacher import EnsembleModel, FrozenTeacher, _train, provide_teacher, teacher_key
 from kdexp.errors import ConfigError
 from kdexp.losses import discriminator_loss, soften
 from kdexp.methods import UNLABELED, Batch, get_method, list_methods
@@ -93,7 +93,7 @@ def test_gradients_reach_the_student_not_the_teacher(name, digits):
 @pytest.mark.parametrize("name", ["lsr", "tfkd_reg", "dml"])
 def test_teacher_free_methods_need_no_teacher(name, digits):
     cfg, cls = method_cfg(name)
-    assert not cls.uses_teacher
+    assert not cls.requires.uses_teacher
     method = cls(cfg, get_model("mlp", digits.in_shape, 10), None)
     terms = method.losses(batch_of(digits))
     sum(terms.values()).backward()
@@ -197,12 +197,13 @@ def test_transfer_set_mask_batches_and_ce(shared):
     assert per_class.min() >= 13 and per_class.max() <= 15  # stratified: ~14 of each
     assert torch.equal(data.labeled, load_dataset(cfg.dataset).labeled)  # fixed by split_seed
     # label-free methods see every input; ce only the labeled ones, for the same number of steps
-    steps, gen = 23, torch.Generator().manual_seed(0)
+    steps = 23
     kd = get_method("kd")(cfg.method, get_model("mlp", data.in_shape, 10), None)
-    ce = get_method("ce")(compose_cfg("method=ce").method, get_model("mlp", data.in_shape, 10))
-    all_batches = epoch_batches(data, kd, 64, steps, gen)
+    assert (plan(cfg).batch_pool, plan(compose_cfg("dataset.label_fraction=0.1", "method=ce")).batch_pool) == \
+        ("all", "labeled")
+    all_batches = InMemorySource(data, batch_size=64, seed=0, pool="all").indices()
     assert len(all_batches) == steps and sorted(torch.cat(all_batches).tolist()) == list(range(n))
-    ce_batches = epoch_batches(data, ce, 64, steps, gen)
+    ce_batches = InMemorySource(data, batch_size=64, seed=0, pool="labeled").indices()
     assert len(ce_batches) == steps and all(data.labeled[i].all() for i in ce_batches)
     assert max(len(i) for i in ce_batches) == 64
     # unlabeled samples reach methods with y = UNLABELED; CE averages over the labeled ones only
@@ -247,16 +248,16 @@ def test_stop_at_acc_stops_after_the_first_epoch_that_reaches_it(shared, digits)
 def test_tfkd_self_teacher_has_the_students_architecture(shared, digits):
     compose_cfg, _ = shared
     cfg = compose_cfg(*FAST, "method=tfkd_self", "student.args.hidden=16")
-    teacher, info = provide_teacher(cfg, digits)
+    teacher, info = provide_teacher(plan(cfg), digits)
     student = get_model("mlp", digits.in_shape, 10, hidden=16)
     assert {k: v.shape for k, v in teacher.model.state_dict().items()} == \
         {k: v.shape for k, v in student.state_dict().items()}
     plain = compose_cfg(*FAST, "method=kd")
     assert info["key"] != teacher_key(plain.teacher, plain.dataset, digits)
-    again, info2 = provide_teacher(cfg, digits)
+    again, info2 = provide_teacher(plan(cfg), digits)
     assert (info["source"], info2["source"]) == ("trained", "cache") and info2["key"] == info["key"]
     with pytest.raises(ConfigError, match="ensemble"):
-        provide_teacher(compose_cfg(*FAST, "method=tfkd_self", "teachers=[cnn]"), digits)
+        plan(compose_cfg(*FAST, "method=tfkd_self", "teachers=[cnn]"))
 
 
 def test_resolve_teachers_names_overrides_and_errors():
@@ -279,14 +280,14 @@ def test_ensemble_averages_softmax_outputs(shared, digits):
     compose_cfg, _ = shared
     cfg = compose_cfg(*FAST, "method=meal_v2",
                       "teachers=[{base:cnn,epochs:2,args:{channels:[8,8,8]}},{base:lenet5,epochs:1}]")
-    teacher, info = provide_teacher(cfg, digits)
+    teacher, info = provide_teacher(plan(cfg), digits)
     assert isinstance(teacher.model, EnsembleModel) and len(info["members"]) == 2
     assert [m["arch"] for m in info["members"]] == ["cnn", "lenet5"] and info["key"].startswith("ensemble-")
     x = digits.x_val[:16]
     mean = torch.stack([torch.softmax(m(x), -1) for m in teacher.model.members]).mean(0)
     assert torch.allclose(teacher.model(x).exp(), mean, atol=1e-6)
     assert not any(p.requires_grad for p in teacher.model.parameters())
-    _, again = provide_teacher(cfg, digits)
+    _, again = provide_teacher(plan(cfg), digits)
     assert again["source"] == "cache" and again["key"] == info["key"]
 
 

@@ -142,7 +142,7 @@ def test_unwritable_output_dir_is_one_clear_line(tmp_path):
 
 
 def test_disk_full_is_reported_with_the_path(compose_cfg, tmp_path, monkeypatch):
-    import kdexp.engine.logging as logging_mod
+    import kdexp.engine.record as logging_mod
 
     def full(obj, path):
         raise OSError(errno.ENOSPC, "No space left on device", path)

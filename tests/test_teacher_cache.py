@@ -2,6 +2,7 @@
 never for another input, and cached runs give the metrics of online runs."""
 import json
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,12 +10,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdexp.engine.teacher import FrozenTeacher, teacher_key
-from kdexp.engine.teacher_cache import TeacherCache, wrap_teacher
+from kdexp.engine.plan import plan
+from kdexp.engine.teacher_cache import TeacherCache, cached_teacher
 from kdexp.losses import kd_ce_loss_soft
 from kdexp.methods import UNLABELED, Batch, Method
 from kdexp.models import get_model
 from kdexp.train import run
-from tests.conftest import FAST
+from tests.conftest import FAST, fit_method
 
 
 def frozen_cnn(n=300, seed=0):
@@ -25,7 +27,7 @@ def frozen_cnn(n=300, seed=0):
 
 
 def batch(x, idx, view="train"):
-    return Batch(x[idx], torch.zeros(len(idx), dtype=torch.long), idx, view=view)
+    return Batch.sampled(view, x[idx], torch.zeros(len(idx), dtype=torch.long), idx)
 
 
 def test_cached_outputs_equal_online_and_the_teacher_runs_once_per_sample(monkeypatch):
@@ -52,7 +54,7 @@ def test_other_inputs_are_never_served_from_the_cache():
     cache.logits(batch(x, idx))  # fills the "train" view
     other = torch.randn_like(x[:32])  # e.g. an augmented or target-domain input of the same samples
     for b in (Batch(other, torch.zeros(32, dtype=torch.long), idx),  # a Batch a method builds: view None
-              Batch(other, torch.zeros(32, dtype=torch.long), idx, view="target")):  # a view it does not hold
+              Batch.sampled("target", other, torch.zeros(32, dtype=torch.long), idx)):  # a view it does not hold
         with torch.no_grad():
             assert torch.equal(cache.logits(b), teacher.model(other))
     assert cache.online_calls == 2
@@ -118,20 +120,34 @@ def test_cache_flag_is_not_part_of_the_teacher_key(compose_cfg):
 
 
 def test_methods_that_need_the_teacher_online_get_the_plain_teacher(compose_cfg):
-    class NeedsGradients(Method):
-        teacher_cacheable = False
-
-        def losses(self, batch):
-            return {}
-
     teacher, x = frozen_cnn()
-    data = type("D", (), {"x_train": x})()
-    cfg = compose_cfg(*FAST)
-    assert isinstance(wrap_teacher(teacher, cfg, get_kd(), data)[0], TeacherCache)
-    got, info = wrap_teacher(teacher, cfg, NeedsGradients, data)
-    assert got is teacher and "teacher_cacheable=False" in info["reason"]
-    got, info = wrap_teacher(teacher, compose_cfg(*FAST, "teacher.cache=false"), get_kd(), data)
+    data = type("D", (), {"x_train": x, "view": "train"})()
+
+    def handle(*overrides):
+        return cached_teacher(teacher, plan(compose_cfg(*FAST, *overrides)).cache, data)
+
+    assert isinstance(handle()[0], TeacherCache)
+    got, info = handle("method=jacobian")  # it needs the teacher's input gradient
+    assert got is teacher and "cacheable=False" in info["reason"]
+    got, info = handle("teacher.cache=false")
     assert got is teacher and info == {"enabled": False, "reason": "teacher.cache=false"}
+
+
+def test_a_derived_batch_runs_the_teacher_live():
+    """Only the sampler names a batch's view: a Batch derived with dataclasses.replace (other inputs
+    for the same samples) has none, so the cache never serves it the original inputs' outputs."""
+    teacher, x = frozen_cnn()
+    cache = TeacherCache(teacher).add_view("train", x)
+    idx = torch.arange(16)
+    sampled = batch(x, idx)
+    flipped = replace(sampled, x=sampled.x.flip(-1))
+    assert sampled.view == "train" and flipped.view is None
+    live, served = cache.logits(flipped), cache.logits(sampled)
+    with torch.no_grad():
+        assert torch.equal(live, teacher.model(flipped.x)) and not torch.allclose(live, served)
+    assert cache.online_calls == 1 and cache.hits == 1
+    with pytest.raises(ValueError):  # the view is not a constructor argument: Batch(..., view=...) fails
+        replace(sampled, view="train")
 
 
 def get_kd():
@@ -142,7 +158,6 @@ def get_kd():
 
 def test_the_one_off_pass_is_teacher_time_not_epoch_time(compose_cfg):
     from kdexp.data import load_dataset
-    from kdexp.engine.fit import fit
 
     class Slow(nn.Module):  # a teacher whose every forward takes 50 ms
         def __init__(self):
@@ -157,7 +172,7 @@ def test_the_one_off_pass_is_teacher_time_not_epoch_time(compose_cfg):
     data = load_dataset(cfg.dataset)
     cache = TeacherCache(FrozenTeacher(Slow(), data.in_shape)).add_view("train", data.x_train)
     method = get_kd()(cfg.method, get_model("mlp", data.in_shape, 10), cache)
-    history = fit(method, data, optim_cfg=cfg.optim, epochs=2, batch_size=256, seed=0)
+    history = fit_method(method, data, optim_cfg=cfg.optim, epochs=2, batch_size=256, seed=0)
     assert cache.fill_s >= 0.05 * (len(data.x_train) // 128)  # 12 chunks of 128: >= 0.6 s
     assert history[0]["time/epoch_s"] < cache.fill_s / 2  # epoch time without the teacher pass
 

@@ -40,13 +40,14 @@ def test_same_command_twice_gives_same_metrics_with_cached_teacher(compose_cfg, 
 
 def test_teacher_is_frozen_in_eval_mode_and_outside_the_optimizer(compose_cfg):
     from kdexp.data import load_dataset
+    from kdexp.engine.plan import plan
     from kdexp.engine.teacher import provide_teacher
     from kdexp.methods import Batch, get_method
     from kdexp.models import get_model
 
     cfg = compose_cfg(*FAST, "teacher.args.dropout=0.5")
     data = load_dataset(cfg.dataset)
-    teacher, info = provide_teacher(cfg, data)
+    teacher, info = provide_teacher(plan(cfg), data)
     assert not teacher.model.training and not any(p.requires_grad for p in teacher.model.parameters())
     before = [p.clone() for p in teacher.model.parameters()]
     method = get_method("kd")(cfg.method, get_model("mlp", data.in_shape, 10), teacher)

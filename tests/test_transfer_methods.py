@@ -14,12 +14,12 @@ from omegaconf import OmegaConf
 from kdexp import config_dir
 from kdexp.config import DatasetConfig, DomainConfig
 from kdexp.data import load_dataset
-from kdexp.engine.fit import fit
 from kdexp.engine.teacher import FrozenTeacher
 from kdexp.errors import ConfigError
 from kdexp.methods import Batch, get_method
 from kdexp.models import get_model
 from kdexp.train import run
+from tests.conftest import fit_method
 
 # small CNNs and short recipes: each end-to-end run takes a few seconds
 FAST = ["dataset.classes=[6,9]", "teacher.epochs=2", "teacher.args.channels=[8,16]", "epochs=1", "progress=false",
@@ -64,7 +64,7 @@ def small_cnn(seed, classes=2):
 
 
 def train(method, data, epochs=1, seed=0):
-    return fit(method, data, optim_cfg=OPTIM, epochs=epochs, batch_size=32, seed=seed)
+    return fit_method(method, data, optim_cfg=OPTIM, epochs=epochs, batch_size=32, seed=seed)
 
 
 def read(path):
@@ -207,7 +207,8 @@ def test_dann_reverses_the_domain_gradient_into_the_features():
     cfg = method_cfg("dann", w_ce=0.0, lambda_schedule="constant", lambda_max=0.3)
     method = get_method("dann")(cfg, get_model("mlp", (1, 8, 8), 2), None)
     method.prepare(data, "cpu")
-    batch = Batch(data.x_train[:16], data.y_train[:16], torch.arange(16), x_target=data.x_train_target[:16])
+    batch = Batch.sampled("train", data.x_train[:16], data.y_train[:16], torch.arange(16),
+                          x_target=data.x_train_target[:16])
     terms = method.losses(batch)
     assert set(terms) == {"domain"}
     terms["domain"].backward()
@@ -332,15 +333,16 @@ def test_domain_runs_log_teacher_views_and_reuse_the_unshifted_teacher(cfg_of, t
 
 
 def test_teacher_key_includes_pretraining_classes_and_labeled_only(cfg_of, tmp_path):
+    from kdexp.engine.plan import plan
     from kdexp.engine.teacher import provide_teacher
 
     cfg = cfg_of("method=finetune", "teacher.classes=[0,1,2]")
     data = load_dataset(cfg.dataset)
-    teacher, info = provide_teacher(cfg, data)
-    plain = provide_teacher(cfg_of("method=finetune"), data)[1]
+    teacher, info = provide_teacher(plan(cfg), data)
+    plain = provide_teacher(plan(cfg_of("method=finetune")), data)[1]
     assert teacher.model[-1].out_features == 3 and info["key"] != plain["key"]
     lab = cfg_of("dataset.label_fraction=0.3", "teacher.labeled_only=true")
-    assert provide_teacher(lab, load_dataset(lab.dataset))[1]["key"] not in (plain["key"], info["key"])
+    assert provide_teacher(plan(lab), load_dataset(lab.dataset))[1]["key"] not in (plain["key"], info["key"])
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -373,7 +375,7 @@ def test_resume_restores_lazily_built_parts(name):
 
     full = make()
     full.prepare(data, "cpu")
-    expected = fit(full, data, optim_cfg=optim, epochs=4, batch_size=32, seed=0)
+    expected = fit_method(full, data, optim_cfg=optim, epochs=4, batch_size=32, seed=0)
     saved = {}
 
     def stop_after_two(epoch, metrics, state):
@@ -384,8 +386,8 @@ def test_resume_restores_lazily_built_parts(name):
     first = make()
     first.prepare(data, "cpu")
     with pytest.raises(_Stop):
-        fit(first, data, optim_cfg=optim, epochs=4, batch_size=32, seed=0, on_epoch=stop_after_two)
+        fit_method(first, data, optim_cfg=optim, epochs=4, batch_size=32, seed=0, on_epoch=stop_after_two)
     resumed = make()  # no prepare: as the runner does on resume
-    history = fit(resumed, data, optim_cfg=optim, epochs=4, batch_size=32, seed=0, state=saved)
+    history = fit_method(resumed, data, optim_cfg=optim, epochs=4, batch_size=32, seed=0, state=saved)
     assert [h["train/loss"] for h in history] == [h["train/loss"] for h in expected]
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), full.state_dict().values()))

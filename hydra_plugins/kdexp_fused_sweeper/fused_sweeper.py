@@ -143,7 +143,7 @@ class FusedSweeper(BasicSweeper):
         by_index = {idx: (overrides, cfg, task) for idx, overrides, cfg, task in members}
         returns: List[JobReturn] = []
         to_fuse = []
-        for outcome in fused.plan(jobs):
+        for outcome in fused.triage(jobs):
             idx = outcome.job.index
             if outcome.status == "skipped":
                 returns.append(self._job_return(by_index[idx][1], outcome.value))

@@ -1,10 +1,12 @@
 """Datasets that need no download: scikit-learn's digits (the default) and user .npz files."""
 import importlib.util
 import os
+import zipfile
+from typing import Optional, Tuple
 
 import numpy as np
 
-from kdexp.data import as_images, register_dataset, stratified_split
+from kdexp.data.core import as_images, as_images_shape, register_dataset, stratified_split
 from kdexp.errors import ConfigError, DataError
 
 
@@ -23,7 +25,7 @@ def _digits_arrays():
     return d.images, d.target
 
 
-@register_dataset("digits")
+@register_dataset("digits", signature=lambda cfg: ((1, 8, 8), 10))
 def digits(cfg):
     """scikit-learn load_digits: 1,797 real 8x8 grayscale digits (values 0..16), 10 classes."""
     images, target = _digits_arrays()
@@ -32,7 +34,42 @@ def digits(cfg):
     return x_tr, y_tr, x_va, y_va, 10
 
 
-@register_dataset("npz")
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _npy_shape(archive: zipfile.ZipFile, member: str) -> Optional[Tuple[int, ...]]:
+    """Shape of one .npy member of an npz archive, from its header alone. np.load(mmap_mode=...)
+    does not help here: it maps plain .npy files only and reads an npz member whole. A member is
+    streamed, so the header costs a few KiB even when the archive is compressed (savez_compressed):
+    the array itself is never read. None for a header numpy's public readers do not parse
+    (version 3.0) or an object array (the loader refuses pickles)."""
+    with archive.open(member) as f:
+        read = _NPY_HEADERS.get(np.lib.format.read_magic(f))
+        if read is None:
+            return None
+        shape, _, dtype = read(f)
+    return None if dtype.hasobject else tuple(shape)
+
+
+def npz_signature(cfg) -> Tuple[Optional[Tuple[int, ...]], None]:
+    """dataset=npz: the input shape from the header of array x (as `as_images` lays it out); the
+    class count is None (it needs the labels). A missing or unreadable file gives None too: the
+    loader reports that error with its own message, the run plan must not raise for it."""
+    if not cfg.path:
+        return None, None
+    try:
+        with zipfile.ZipFile(os.path.abspath(os.path.expanduser(cfg.path))) as archive:
+            names = set(archive.namelist())
+            members = [k if k in names else f"{k}.npy" for k in ("x", "y")]  # np.load's key -> member rule
+            if not set(members) <= names:
+                return None, None
+            shape = _npy_shape(archive, members[0])
+    except Exception:  # any unreadable file (not a zip, truncated, corrupt): the loader says why
+        return None, None
+    return (as_images_shape(shape)[1:] if shape else None), None
+
+
+@register_dataset("npz", signature=npz_signature)
 def npz(cfg):
     """A user file `dataset.path` with arrays x (N,...) and y (N,) of integer labels;
     optional x_val/y_val, else a stratified split of dataset.val_fraction."""

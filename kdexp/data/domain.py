@@ -231,6 +231,16 @@ def apply_transforms(x: torch.Tensor, steps: Sequence[Step], split: str = "train
     return x
 
 
+def target_shape(in_shape: Sequence[int], steps: Sequence[Step]) -> Tuple[int, ...]:
+    """The target view's shape (without batch) for source inputs of shape `in_shape`, without data:
+    the steps run on a meta tensor (shapes only; `noise` draws one sample's noise on CPU), so it is
+    by construction what `apply_transforms` gives, and a transform that needs images raises the
+    same ConfigError on vector inputs. Every current transform keeps the shape (the target view
+    feeds the same model), tests/test_signatures.py checks each one."""
+    x = torch.empty(1, *in_shape, device="meta")
+    return tuple(apply_transforms(x, steps).shape[1:])
+
+
 def describe(steps: Sequence[Step]) -> str:
     """'vflip', 'rotate(angle=45)+noise(sigma=0.2, seed=0)', or 'none'."""
     parts = [name + (f"({', '.join(f'{k}={v}' for k, v in params.items())})" if params else "")

@@ -5,7 +5,7 @@ import socket
 
 import numpy as np
 
-from kdexp.data import register_dataset
+from kdexp.data.core import register_dataset
 from kdexp.errors import DataError
 
 # name -> (torchvision class, number of classes, where the files go under root)
@@ -16,6 +16,9 @@ _VISION = {
     "cifar10": ("CIFAR10", 10, "cifar-10-batches-py/ (or cifar-10-python.tar.gz in root)"),
     "cifar100": ("CIFAR100", 100, "cifar-100-python/ (or cifar-100-python.tar.gz in root)"),
 }
+# name -> the input shape `build` gives: the (MNIST) 28x28 grayscale / (CIFAR) 32x32 RGB images
+# torchvision holds in `.data`, channel first. The dataset's signature: known without its files.
+_SHAPES = {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
 
 
 def _open(cls, root: str, train: bool, download: bool, where: str, name: str):
@@ -59,4 +62,4 @@ def _make(name: str):
 
 
 for _name in _VISION:
-    register_dataset(_name)(_make(_name))
+    register_dataset(_name, signature=lambda cfg, _name=_name: (_SHAPES[_name], _VISION[_name][1]))(_make(_name))

@@ -3,13 +3,15 @@ trained in one process, as N students with stacked parameters sharing one teache
 sample (the teacher-output cache), one forward of all students per step
 (`torch.func.functional_call` under `vmap`) and one optimizer over the stacked weights.
 
-Each student is its separate run, to numerical tolerance:
+A fused group goes through the same lifecycle as a single run: its plans (kdexp.engine.plan say
+whether it can fuse), one assembly for the group (kdexp.engine.assemble), a recorder per run and
+the one fit loop, with `FusedStepper` as the stepper. Each student is its separate run, to
+numerical tolerance:
 - the same init (`derive_seed(seed, "student/init")`) and batch order (`derive_seed(seed,
   "student/batches")`); students with different seeds see different batches (their inputs are
   gathered per student; the teacher's outputs come from the cache, so it still runs once per sample);
-- the per-student losses are SUMMED (a mean would divide each student's learning rate by N);
-  the KL is written out (F.kl_div has no vmap rule) with the teacher's softened probabilities
-  and their negative entropy cached per temperature: KL(p||q) = sum p log p - sum p log q;
+- the per-student losses are SUMMED (a mean would divide each student's learning rate by N), each
+  computed by the kdexp.losses functions the methods use, on (N, B, C) logits;
 - optimizers and LR schedules are elementwise/per-epoch (adam, adamw, sgd; none, cosine, step),
   so one optimizer over stacked weights equals N optimizers; no global grad clipping;
 - weights are copied back into each student before evaluating and checkpointing; each run
@@ -17,49 +19,45 @@ Each student is its separate run, to numerical tolerance:
   can resume from it) and run_info as a separate run. `time/epoch_s` of a fused run is the
   group's epoch time / N (its share); metrics.json's `fused` names the group.
 
-What fuses: methods `ce` and `kd` with students without BatchNorm and without active dropout
-(MLP, CNN, LeNet-5 of kdexp's zoo), one process on CPU or one GPU in float32. Anything else
-(other methods, BatchNorm/dropout students, DDP, AMP/compile, teacher.cache=false, a run to
-resume from a checkpoint) runs as separate runs, with a log line saying why.
+What fuses: methods whose requirements say fusable (ce, kd) with students without BatchNorm and
+without active dropout, one process on CPU or one GPU in float32 (`kdexp.engine.plan.fuse_reason`).
+Anything else, and a run to resume from a checkpoint, runs as a separate run, with a log line
+saying why.
 """
 import copy
 import json
 import logging
-import math
 import os
-import shutil
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from kdexp.data import load_dataset
-from kdexp.engine.checkpoint import atomic_torch_save
-from kdexp.engine.fit import epoch_batches, evaluate
-from kdexp.engine.hardware import Accelerator
-from kdexp.engine.logging import RunLogger
-from kdexp.engine.optim import build_optimizer, build_scheduler
+from kdexp.engine.assemble import assemble
+from kdexp.engine.fit import fit
+from kdexp.engine.hardware import Accelerator, select_device
+from kdexp.engine.plan import FUSABLE_KEYS, plan
+from kdexp.engine.record import Recorder, describe, hparams_of
 from kdexp.engine.resume import finished_value, flatten
-from kdexp.engine.runinfo import write_run_info
-from kdexp.engine.teacher import provide_teacher
-from kdexp.engine.teacher_cache import TeacherCache
+from kdexp.engine.source import InMemorySource, StackedSource
+from kdexp.engine.steppers import DivergedError
+from kdexp.engine.teacher_cache import take_fill_seconds
+from kdexp.engine.evaluate import validation_metrics
 from kdexp.errors import KdexpError
-from kdexp.methods import UNLABELED, get_method
-from kdexp.models import get_model
+from kdexp.losses import ce_loss, soft_kd_loss
+from kdexp.methods import UNLABELED, Batch
 from kdexp.seeding import derive_seed, seed_all
 
 log = logging.getLogger("kdexp")
 
-FUSABLE_KEYS = ("method.temperature", "method.alpha", "method.beta", "method.w_ce", "seed")
-FUSABLE_METHODS = ("ce", "kd")
-
 
 class NotFusable(Exception):
     """The group cannot be fused (the message says why); nothing was written for it."""
+
+
+class GroupDiverged(KdexpError):
+    """Every student of a fused group diverged (each run recorded its own error)."""
 
 
 @dataclass
@@ -86,27 +84,11 @@ def group_key(cfg) -> str:
 
 
 def config_reason(cfg) -> Optional[str]:
-    """Why runs of this config cannot be fused (from the config alone), or None."""
-    name = cfg.method.name
-    if name not in FUSABLE_METHODS:
-        return f"method={name} (fused sweeps train {' and '.join(FUSABLE_METHODS)} students)"
-    domain = cfg.get("domain")
-    if domain is not None and domain.get("transforms"):
-        return "a domain shift (dataset views) is set"
-    if cfg.dataset.get("augment", "none") != "none":
-        return f"dataset.augment={cfg.dataset.augment} (fused students share unaugmented batches)"
-    hw = cfg.hardware
-    if hw.get("distributed", False):
-        return "hardware=ddp"
-    if hw.get("amp", "none") != "none" or hw.get("compile", False) or hw.get("channels_last", False):
-        return "hardware.amp/compile/channels_last (fused students train in float32, uncompiled)"
-    if name != "ce" and not cfg.teacher.get("cache", True):
-        return "teacher.cache=false (fused students share the cached teacher outputs)"
-    m = cfg.method
-    w_ce = (1.0 - m.alpha) if m.get("w_ce") is None else m.w_ce
-    if not w_ce and (name == "ce" or not m.alpha):
-        return "nothing to train (w_ce and alpha are 0): the separate run reports it"
-    return None
+    """Why runs of this config cannot be fused (the run plan's decision), or None."""
+    try:
+        return plan(cfg).fuse_reason
+    except KdexpError as e:
+        return f"invalid config ({e}); the separate run records the error"
 
 
 def run_labels(cfgs) -> List[str]:
@@ -116,17 +98,7 @@ def run_labels(cfgs) -> List[str]:
     return [" ".join(f"{k}={f.get(k)}" for k in varying) or "(identical)" for f in flats]
 
 
-def student_reason(student: nn.Module) -> Optional[str]:
-    """Why this student architecture cannot be fused, or None."""
-    for name, mod in student.named_modules():
-        if isinstance(mod, nn.modules.batchnorm._NormBase):
-            return f"the student has {type(mod).__name__} ({name}): batch statistics are not fused"
-        if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0:
-            return f"the student has active dropout ({name}, p={mod.p}): separate runs' masks cannot be reproduced"
-    return None
-
-
-def plan(jobs: Sequence[Job]) -> List[Outcome]:
+def triage(jobs: Sequence[Job]) -> List[Outcome]:
     """Per job: already done (skipped, as a separate run would), to be fused, or separate (why)."""
     out = []
     for job in jobs:
@@ -139,35 +111,220 @@ def plan(jobs: Sequence[Job]) -> List[Outcome]:
         if reason is None and cfg.resume and not cfg.force and os.path.isfile(
                 os.path.join(job.run_dir, "checkpoints", "last.pt")):
             reason = "it continues from its checkpoint (resume)"
-        if reason is None:
-            try:
-                from kdexp.config import validate
-
-                validate(cfg)
-            except KdexpError as e:
-                reason = f"invalid config ({e}); the separate run records the error"
         out.append(Outcome(job, separate=reason, status="separate" if reason else "fuse"))
     return out
 
 
 # ------------------------------------------------------------------------------- training
-@dataclass
-class _Student:
-    job: Job
-    method: nn.Module
-    label: str = ""
-    logger: object = None
-    gen: torch.Generator = None
-    history: List[dict] = field(default_factory=list)
-    active: bool = True
-    value: float = float("nan")
-    config: Optional[dict] = None  # the resolved config for checkpoints, converted once (not every epoch)
+def train_group(jobs: Sequence[Job]) -> List[float]:
+    """Train the jobs (same config up to FUSABLE_KEYS; `triage` said "fuse") as one fused group;
+    returns each run's final val/acc (nan for a run that failed). Raises NotFusable before
+    writing anything when the group cannot be fused."""
+    if len(jobs) < 2:
+        raise NotFusable("a group of one")
+    plans = [plan(j.cfg) for j in jobs]
+    reason = next((p.fuse_reason for p in plans if p.fuse_reason), None)
+    if reason:
+        raise NotFusable(reason)
+    cfg0 = plans[0].cfg
+    seed_all(cfg0.seed)
+    device = select_device(cfg0.hardware)
+    accel = Accelerator(device, cfg0.hardware)
+    asm = assemble(plans, accel)
+    labels = run_labels([j.cfg for j in jobs])
+    log.info("fused group of %d %s students (%s -> %s on %s): %s", len(jobs), cfg0.method.name, cfg0.teacher.arch,
+             cfg0.student.arch, asm.data.name, "; ".join(labels))
+    recorders = [_open(j, k, jobs, asm, device) for k, j in enumerate(jobs)]
+    stepper = FusedStepper(asm, plans, recorders, labels, [j.index for j in jobs])
+    seeds = [p.cfg.seed for p in plans]
+    sources = [InMemorySource(asm.data, batch_size=cfg0.batch_size, seed=derive_seed(s, "student/batches"))
+               for s in (seeds[:1] if len(set(seeds)) == 1 else seeds)]
+    try:
+        fit(stepper, sources[0] if len(sources) == 1 else StackedSource(sources), optim_cfg=cfg0.optim,
+            epochs=cfg0.epochs, on_epoch=stepper.record_epoch, desc="fused", accel=accel)
+        return stepper.finish()
+    except BaseException as e:
+        for r, active in zip(recorders, stepper.active):
+            if active:
+                r.finish("failed", error=f"{type(e).__name__}: {describe(e)}")
+        if not isinstance(e, Exception):
+            raise
+        if not isinstance(e, GroupDiverged):
+            log.exception("fused group failed")
+        return [float("nan")] * len(jobs)
 
 
-def _hparams_and_describe():
-    from kdexp.train import describe, hparams_of  # the entrypoint's helpers (imported late: no cycle)
+def _open(job: Job, k: int, jobs: Sequence[Job], asm, device) -> Recorder:
+    """Run k's recorder, started as a fresh run; the teacher was obtained once for the group: the
+    other runs got it from the cache."""
+    r = Recorder(job.run_dir, job.cfg, job.overrides)
+    r.start(hparams_of(job.cfg), fresh=True)
+    r.record["hardware"] = {"device": str(device), "threads": torch.get_num_threads(), "processes": 1}
+    info = asm.teacher_info
+    r.teacher(dict(info) if k == 0 or info["source"] != "trained" else {**info, "source": "cache"})
+    r.record["fused"] = {"group_size": len(jobs), "runs": [os.path.basename(os.path.normpath(j.run_dir)) for j in jobs]}
+    r.record["teacher_cache"] = {"enabled": asm.teacher is not None, "shared_by": len(jobs)}
+    return r
 
-    return hparams_of, describe
+
+class FusedStepper:
+    """N ce/kd students under vmap: losses (N,) per term, one optimizer over the stacked weights,
+    per-student divergence (a diverged run is recorded failed; the others go on), metrics and
+    checkpoints per run (weights copied back into each student first)."""
+
+    def __init__(self, asm, plans, recorders: List[Recorder], labels: List[str], indices: List[int]):
+        from torch.func import functional_call, vmap
+
+        self.asm, self.plans, self.recorders, self.labels, self.indices = asm, plans, recorders, labels, indices
+        self.methods = asm.methods
+        self.n = len(plans)
+        self.active = [True] * self.n
+        template = self.methods[0].student
+        self.names = [n for n, _ in template.named_parameters()]
+        self.stacked = {n: torch.stack([dict(m.student.named_parameters())[n].detach() for m in self.methods]).clone()
+                        .requires_grad_(True) for n in self.names}
+        self.buffers = {n: torch.stack([dict(m.student.named_buffers())[n] for m in self.methods])
+                        for n, _ in template.named_buffers()}
+        self.shapes = [self.stacked[n].shape for n in self.names]
+        device = asm.data.x_train.device
+        cfgs = [p.cfg.method for p in plans]
+        self.is_kd = plans[0].name == "kd"
+        self.w_ce = torch.tensor([float(m.w_ce or 0.0) for m in self.methods], device=device)
+        self.alpha = torch.tensor([float(c.alpha) if self.is_kd else 0.0 for c in cfgs], device=device)
+        self.temperature = torch.tensor([float(c.temperature) for c in cfgs], device=device)
+        self.ce_on = torch.tensor([bool(m.w_ce) for m in self.methods], device=device)
+        self.kd_on = torch.tensor([self.is_kd and bool(c.alpha) for c in cfgs], device=device)
+        self.rows = torch.arange(self.n, device=device).unsqueeze(1)
+        if self.is_kd:  # the cache's one-off pass: teacher time, before the first epoch
+            self.p_table, self.negh_table = self._soft_tables([float(c.temperature) for c in cfgs])
+            fill_s = take_fill_seconds(asm.teacher)[0]
+            for r in recorders:
+                r.record["teacher_cache"]["fill_s"] = round(fill_s, 4)
+
+        def forward(params, bufs, x):
+            return functional_call(template, (params, bufs), (x,))
+
+        self._forward = {shared: vmap(forward, in_dims=(0, 0, None if shared else 0)) for shared in (True, False)}
+
+    def _soft_tables(self, temperatures: Sequence[float]):
+        """Per student: the teacher's softened probabilities p (N_data, C) and sum p log p (N_data,)."""
+        teacher, x = self.asm.teacher, self.asm.data.x_train
+        everything = Batch.sampled(self.asm.data.view, x, None, torch.arange(len(x), device=x.device))
+        tables = {T: teacher.soft_targets(everything, T) for T in sorted(set(temperatures))}
+        return (torch.stack([tables[T][0] for T in temperatures]), torch.stack([tables[T][1] for T in temperatures]))
+
+    # -- the stepper API -------------------------------------------------------------------------
+    def param_groups(self, optim_cfg):
+        return [{"params": [self.stacked[n] for n in self.names]}]
+
+    def train(self, mode: bool) -> None:
+        for m in self.methods:
+            m.train(mode)
+
+    def at(self, epoch: int, progress: float) -> None:
+        for m in self.methods:
+            m.epoch, m.progress = epoch, progress
+
+    def losses(self, batch):
+        shared = batch.idx.dim() == 1  # one batch for all students (they share a seed)
+        idx = batch.idx.expand(self.n, -1) if shared else batch.idx
+        y = batch.y.expand(self.n, -1) if shared else batch.y
+        logits = self._forward[shared](self.stacked, self.buffers, batch.x)  # (N, B, C)
+        terms = {"ce": ce_loss(logits, y, self.w_ce, UNLABELED)}
+        if self.is_kd:
+            p, neg_h = self.p_table[self.rows, idx], self.negh_table[self.rows, idx]  # (N, B, C), (N, B)
+            terms["kd"] = soft_kd_loss(logits, p, neg_h, self.temperature, self.alpha)
+        return terms
+
+    def _per_student(self, terms):
+        # a term with weight 0 is left out, as in the separate run (0 * inf would be nan)
+        zero = torch.zeros((), device=self.w_ce.device)
+        per = torch.where(self.ce_on, terms["ce"], zero)
+        return per + torch.where(self.kd_on, terms["kd"], zero) if "kd" in terms else per
+
+    def total(self, terms):
+        active = torch.tensor(self.active, device=self.w_ce.device)
+        per = self._per_student(terms)
+        return torch.where(active, per, torch.zeros_like(per)).sum()  # SUM: each student its own lr
+
+    def check(self, loss, terms, where):
+        if torch.isfinite(loss):
+            return loss
+        per = self._per_student(terms)
+        for i in (~torch.isfinite(per)).nonzero().flatten().tolist():
+            if not self.active[i]:
+                continue
+            bad = [k for k, on in (("ce", self.ce_on), ("kd", self.kd_on)) if k in terms and on[i]
+                   and not torch.isfinite(terms[k][i])]
+            msg = (f"student: loss is {per[i].item()} at {where} (non-finite term(s): {bad}); lower the learning "
+                   f"rate or check the inputs")
+            log.error("%s: %s", self.recorders[i].run_dir, msg)
+            self.recorders[i].finish("failed", error=f"{DivergedError.__name__}: {msg}")
+            self.active[i] = False
+        if not any(self.active):
+            raise GroupDiverged("every student of the fused group diverged")
+        return self.total(terms)
+
+    def logged(self, loss, terms):
+        return {"train/loss": self._per_student(terms), **{f"train/loss_{k}": v for k, v in terms.items()}}
+
+    def take_teacher_seconds(self):
+        return take_fill_seconds(self.asm.teacher)
+
+    def epoch_metrics(self, sums, timing, lr, accel) -> List[Optional[dict]]:
+        """One metrics dict per student (None for a diverged one), after copying its weights back."""
+        self._copy_back()
+        share = {k: v / self.n for k, v in timing.items()}  # each run's share of the group's time
+        out: List[Optional[dict]] = []
+        for i, (p, m) in enumerate(zip(self.plans, self.methods)):
+            if not self.active[i]:
+                out.append(None)
+                continue
+            metrics = {"train/loss": sums["train/loss"][i]}
+            for k, on in (("ce", self.ce_on), ("kd", self.kd_on)):
+                if bool(on[i]):
+                    metrics[f"train/loss_{k}"] = sums[f"train/loss_{k}"][i]
+            metrics.update(validation_metrics(m, self.asm.data, accel, p.cfg.eval_batch_size))
+            metrics.update({"lr": lr, "time/epoch_s": share["time/epoch_s"],
+                            "time/samples_per_s": len(self.asm.data.x_train) / share["time/epoch_s"],
+                            "time/epoch_cpu_s": share["time/epoch_cpu_s"]})
+            out.append(metrics)
+        return out
+
+    @torch.no_grad()
+    def _copy_back(self) -> None:
+        for i, m in enumerate(self.methods):
+            if self.active[i]:
+                for name, p in m.student.named_parameters():
+                    p.copy_(self.stacked[name][i])
+                for name, b in m.student.named_buffers():
+                    b.copy_(self.buffers[name][i])
+
+    def state_dict(self) -> dict:
+        return {n: t.detach().clone() for n, t in self.stacked.items()}
+
+    # -- per run ------------------------------------------------------------------------------
+    def record_epoch(self, epoch: int, metrics: List[Optional[dict]], state: dict) -> None:
+        """Each active run's epoch: its recorder writes metrics, the log line and its own checkpoint
+        (what a separate run would have saved: its weights, its slice of the optimizer state, its
+        batch generator), so that a separate run can resume it."""
+        for i, m in enumerate(metrics):
+            if m is None or not self.active[i]:
+                continue
+            generator = state["generator"][i] if isinstance(state["generator"], list) else state["generator"]
+            rng = torch.Generator().manual_seed(derive_seed(self.plans[i].cfg.seed, "train")).get_state()
+            run_state = {**state, "method": self.methods[i].state_dict(),
+                         "optimizer": _slice_optimizer_state(state["optimizer"], i, self.shapes),
+                         "generator": generator, "torch_rng": rng, "accel": {},
+                         "history": [h[i] for h in state["history"]]}
+            self.recorders[i].epoch(epoch, m, run_state, note=f", fused {self.n}: {self.labels[i]}",
+                                    extra={"fused_run": self.indices[i]})
+
+    def finish(self) -> List[float]:
+        values = []
+        for i, r in enumerate(self.recorders):
+            values.append(r.done(extra={"fused_run": self.indices[i]}) if self.active[i] else float("nan"))
+        return values
 
 
 def _slice_optimizer_state(sd: dict, i: int, shapes: List[torch.Size]) -> dict:
@@ -177,227 +334,3 @@ def _slice_optimizer_state(sd: dict, i: int, shapes: List[torch.Size]) -> dict:
         state[pid] = {k: (v[i].clone() if torch.is_tensor(v) and v.dim() > 0 and v.shape == shapes[pid] else
                           (v.clone() if torch.is_tensor(v) else copy.deepcopy(v))) for k, v in st.items()}
     return {"state": state, "param_groups": copy.deepcopy(sd["param_groups"])}
-
-
-def train_group(jobs: Sequence[Job]) -> List[float]:
-    """Train the jobs (same config up to FUSABLE_KEYS; `plan` said "fuse") as one fused group;
-    returns each run's final val/acc (nan for a run that failed). Raises NotFusable before
-    writing anything when the student architecture cannot be fused."""
-    if len(jobs) < 2:
-        raise NotFusable("a group of one")
-    hparams_of, describe = _hparams_and_describe()
-    from kdexp.train import select_device
-
-    cfg0 = jobs[0].cfg
-    seed_all(cfg0.seed)
-    device = select_device(cfg0.hardware)
-    if device.type not in ("cpu", "cuda"):
-        raise NotFusable(f"device {device}")
-    accel = Accelerator(device, cfg0.hardware)
-    data = accel.data_to_device(load_dataset(cfg0.dataset, cache_dir=cfg0.paths.cache_dir))
-    method_cls = get_method(cfg0.method.name)
-
-    # students first (no files yet): the architecture decides whether the group fuses
-    students = []
-    for job in jobs:
-        torch.manual_seed(derive_seed(job.cfg.seed, "student/init"))
-        students.append(get_model(job.cfg.student.arch, data.in_shape, data.num_classes, **job.cfg.student.args))
-    reason = student_reason(students[0])
-    if reason:
-        raise NotFusable(reason)
-
-    labels = run_labels([j.cfg for j in jobs])
-    log.info("fused group of %d %s students (%s -> %s on %s): %s", len(jobs), cfg0.method.name, cfg0.teacher.arch,
-             cfg0.student.arch, data.name, "; ".join(labels))
-    teacher, tinfo = None, {"source": "none", "key": None, "val/acc": None}
-    if method_cls.uses_teacher:
-        frozen, tinfo = provide_teacher(cfg0, data)
-        teacher = TeacherCache(frozen).add_view(getattr(data, "view", "train"), data.x_train)
-
-    runs: List[_Student] = []
-    for k, (job, student) in enumerate(zip(jobs, students)):
-        method = method_cls(job.cfg.method, student, teacher).to(device)
-        gen = torch.Generator().manual_seed(derive_seed(job.cfg.seed, "student/batches"))
-        runs.append(_Student(job, method, label=labels[k], gen=gen,
-                             config=OmegaConf.to_container(job.cfg, resolve=True)))
-    group = {"group_size": len(jobs), "runs": [os.path.basename(os.path.normpath(j.run_dir)) for j in jobs]}
-    for k, r in enumerate(runs):
-        d = r.job.run_dir
-        if os.path.isdir(os.path.join(d, "tb")):
-            shutil.rmtree(os.path.join(d, "tb"))  # starting over: old curves would mix with the new ones
-        write_run_info(d, r.job.cfg)
-        r.logger = RunLogger(d, hparams_of(r.job.cfg), r.job.overrides)
-        # the teacher was obtained once for the group: the other runs got it from the cache
-        info = dict(tinfo) if k == 0 or tinfo["source"] != "trained" else {**tinfo, "source": "cache"}
-        r.logger.record["teacher"] = info
-        r.logger.record["fused"] = group
-        r.logger.record["teacher_cache"] = {"enabled": teacher is not None, "shared_by": len(jobs)}
-        if tinfo["val/acc"] is not None:
-            r.logger.scalars({"teacher/val/acc": tinfo["val/acc"]}, 0)
-    try:
-        _fit_fused(runs, data, teacher, tinfo, cfg0, accel, describe)
-    except BaseException as e:
-        for r in runs:
-            if r.active:
-                r.logger.finish("failed", error=f"{type(e).__name__}: {describe(e)}")
-                r.active = False
-        if not isinstance(e, Exception):
-            raise
-        log.exception("fused group failed")
-    return [r.value for r in runs]
-
-
-def _soft_tables(teacher: TeacherCache, view: str, temperatures: Sequence[float]):
-    """Per student: the teacher's softened probabilities p (N_data, C) and sum p log p (N_data,)."""
-    from kdexp.methods import Batch
-
-    x = teacher._views[view]
-    everything = Batch(x, None, torch.arange(len(x), device=x.device), view=view)
-    tables = {T: teacher.soft_targets(everything, T) for T in sorted(set(temperatures))}
-    p = torch.stack([tables[T][0] for T in temperatures])
-    neg_h = torch.stack([tables[T][1] for T in temperatures])
-    return p, neg_h
-
-
-def _fit_fused(runs: List[_Student], data, teacher, tinfo, cfg0, accel, describe) -> None:
-    from torch.func import functional_call, vmap
-
-    n_students = len(runs)
-    device = accel.device
-    template = runs[0].method.student
-    names = [n for n, _ in template.named_parameters()]
-    buffer_names = [n for n, _ in template.named_buffers()]
-    stacked = {n: torch.stack([dict(r.method.student.named_parameters())[n].detach() for r in runs]).clone()
-               .requires_grad_(True) for n in names}
-    buffers = {n: torch.stack([dict(r.method.student.named_buffers())[n] for r in runs]) for n in buffer_names}
-    shapes = [stacked[n].shape for n in names]
-    optimizer = build_optimizer([{"params": [stacked[n] for n in names]}], cfg0.optim)
-    scheduler = build_scheduler(optimizer, cfg0.optim, cfg0.epochs)
-
-    cfgs = [r.job.cfg for r in runs]
-    is_kd = cfg0.method.name == "kd"
-    w_ce = torch.tensor([float(r.method.w_ce or 0.0) for r in runs], device=device)
-    alpha = torch.tensor([float(c.method.alpha) if is_kd else 0.0 for c in cfgs], device=device)
-    temps = [float(c.method.temperature) for c in cfgs]
-    T = torch.tensor(temps, device=device)
-    has_ce = [bool(r.method.w_ce) for r in runs]
-    has_kd = [is_kd and bool(c.method.alpha) for c in cfgs]
-    view = getattr(data, "view", "train")
-    ce_on = torch.tensor(has_ce, device=device)
-    kd_on = torch.tensor(has_kd, device=device)
-    zero = torch.zeros((), device=device)
-    if is_kd:
-        p_table, negh_table = _soft_tables(teacher, view, temps)
-        fill_s = teacher.take_fill_seconds()[0]  # teacher time, before the first epoch
-        for r in runs:
-            r.logger.record["teacher_cache"]["fill_s"] = round(fill_s, 4)
-    shared_batches = len({c.seed for c in cfgs}) == 1
-    rows = torch.arange(n_students, device=device).unsqueeze(1)
-
-    def forward(params, bufs, x):
-        return functional_call(template, (params, bufs), (x,))
-
-    batched = vmap(forward, in_dims=(0, 0, None if shared_batches else 0))
-    n = len(data.x_train)
-    steps = math.ceil(n / cfg0.batch_size)
-    for r in runs:
-        r.method.train()
-    for epoch in range(cfg0.epochs):
-        t0, c0 = time.perf_counter(), time.process_time()
-        for r in runs:
-            r.method.epoch = epoch
-        per = [epoch_batches(data, r.method, cfg0.batch_size, steps, r.gen) for r in runs]
-        if shared_batches:
-            per = [per[0]] * n_students
-        total = sum(len(i) for i in per[0])
-        sums = {"loss": torch.zeros(n_students, dtype=torch.float64, device=device)}
-        sums["ce"], sums["kd"] = torch.zeros_like(sums["loss"]), torch.zeros_like(sums["loss"])
-        for step in range(steps):
-            idx = torch.stack([b[step] for b in per])  # (N, B)
-            y = data.y_train[idx]
-            if data.labeled is not None:
-                y = y.masked_fill(~data.labeled[idx], UNLABELED)
-            x = data.x_train[idx[0]] if shared_batches else data.x_train[idx]
-            logits = batched(stacked, buffers, x)  # (N, B, C)
-            s_len, c = logits.shape[1], logits.shape[2]
-            ce = F.cross_entropy(logits.reshape(-1, c), y.reshape(-1), ignore_index=UNLABELED,
-                                 reduction="none").view(n_students, s_len).sum(1)
-            ce = w_ce * ce / (y != UNLABELED).sum(1).clamp_min(1)
-            kd = torch.zeros_like(ce)
-            if is_kd:
-                p, neg_h = p_table[rows, idx], negh_table[rows, idx]  # (N, B, C), (N, B)
-                log_q = torch.log_softmax(logits / T.view(-1, 1, 1), dim=-1)
-                kd = alpha * T ** 2 * (neg_h - (p * log_q).sum(-1)).mean(1)  # T^2 KL(p || q), batchmean
-            # a term with weight 0 is left out, as in the separate run (0 * inf would be nan)
-            loss = torch.where(ce_on, ce, zero) + torch.where(kd_on, kd, zero)
-            active = torch.tensor([r.active for r in runs], device=device)
-            finite = torch.isfinite(loss)
-            if not bool((finite | ~active).all()):
-                for i in (~finite & active).nonzero().flatten().tolist():
-                    r = runs[i]
-                    bad = [k for k, v, on in (("ce", ce[i], has_ce[i]), ("kd", kd[i], has_kd[i]))
-                           if on and not torch.isfinite(v)]
-                    msg = (f"student: loss is {loss[i].item()} at epoch {epoch + 1}, step {step + 1} (non-finite "
-                           f"term(s): {bad}); lower the learning rate or check the inputs")
-                    log.error("%s: %s", r.job.run_dir, msg)
-                    r.logger.finish("failed", error=f"DivergedError: {msg}")
-                    r.active, r.value = False, float("nan")
-                active = torch.tensor([r.active for r in runs], device=device)
-                if not bool(active.any()):
-                    return
-            optimizer.zero_grad(set_to_none=True)
-            torch.where(active, loss, torch.zeros_like(loss)).sum().backward()  # SUM: each student its own lr
-            optimizer.step()
-            w = len(idx[0]) / total
-            sums["loss"] += loss.detach().double() * w
-            sums["ce"] += ce.detach().double() * w
-            sums["kd"] += kd.detach().double() * w
-        scheduler.step()
-        fill_s, fill_cpu_s = teacher.take_fill_seconds() if teacher is not None else (0.0, 0.0)
-        train_s = time.perf_counter() - t0 - fill_s
-        share, cpu_share = train_s / n_students, (time.process_time() - c0 - fill_cpu_s) / n_students
-        loss_sum, ce_sum, kd_sum = (sums[k].tolist() for k in ("loss", "ce", "kd"))
-        opt_sd = optimizer.state_dict()
-        with torch.no_grad():
-            for i, r in enumerate(runs):
-                if not r.active:
-                    continue
-                for name, p in r.method.student.named_parameters():
-                    p.copy_(stacked[name][i])
-                for name, b in r.method.student.named_buffers():
-                    b.copy_(buffers[name][i])
-        for i, r in enumerate(runs):
-            if not r.active:
-                continue
-            cfg = r.job.cfg
-            metrics = {"train/loss": loss_sum[i]}
-            if has_ce[i]:
-                metrics["train/loss_ce"] = ce_sum[i]
-            if has_kd[i]:
-                metrics["train/loss_kd"] = kd_sum[i]
-            val = evaluate(r.method.student, data.x_val, data.y_val, cfg.eval_batch_size)
-            metrics.update({"val/acc": val["acc"], "val/loss": val["loss"], "lr": optimizer.param_groups[0]["lr"],
-                            "time/epoch_s": share, "time/samples_per_s": n / share, "time/epoch_cpu_s": cpu_share})
-            r.history.append(metrics)
-            r.logger.epoch(epoch, metrics)
-            log.info("epoch %d/%d  train/loss %.4f  val/acc %.4f  val/loss %.4f  (%.2fs, fused %d: %s)", epoch + 1,
-                     cfg.epochs, metrics["train/loss"], metrics["val/acc"], metrics["val/loss"], share, n_students,
-                     r.label, extra={"fused_run": r.job.index})
-            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
-                rng = torch.Generator().manual_seed(derive_seed(cfg.seed, "train")).get_state()
-                atomic_torch_save({
-                    "epoch": epoch + 1, "method": r.method.state_dict(),
-                    "optimizer": _slice_optimizer_state(opt_sd, i, shapes), "scheduler": scheduler.state_dict(),
-                    "generator": r.gen.get_state(), "torch_rng": rng, "history": r.history, "accel": {},
-                    "teacher_key": tinfo["key"], "config": r.config,
-                }, os.path.join(r.job.run_dir, "checkpoints", "last.pt"))
-    for r in runs:
-        if not r.active:
-            continue
-        r.method.eval()
-        if tinfo["val/acc"] is not None:
-            r.logger.record["final"]["teacher/val/acc"] = tinfo["val/acc"]
-        r.logger.finish("done")
-        r.value = float(r.logger.record["final"]["val/acc"])
-        log.info("done: val/acc %.4f (best %.4f at epoch %d), fused -> %s", r.value, r.logger.record["best"]["val/acc"],
-                 r.logger.record["best"]["epoch"], r.job.run_dir, extra={"fused_run": r.job.index})

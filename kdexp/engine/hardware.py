@@ -23,6 +23,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from kdexp.engine.evaluate import evaluate
 from kdexp.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,24 @@ class DistContext:
 SINGLE = DistContext()
 
 
+def select_device(hw, dist: DistContext = SINGLE) -> torch.device:
+    """The run's device from `hardware` (auto: the GPU when torch sees one); also sets the CPU
+    threads (hardware.threads, or cores / parallel processes: joblib, submitit, torchrun)."""
+    apply_threads(hw)
+    if hw.device == "cpu":
+        return torch.device("cpu")
+    if hw.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"hardware=cuda but no GPU is available to torch {torch.__version__} "
+                          f"(CUDA build: {torch.version.cuda}); use hardware=cpu or hardware=auto")
+    if hw.device == "cuda" or torch.cuda.is_available():
+        if hw.device_index >= torch.cuda.device_count():
+            raise ConfigError(f"hardware.device_index={hw.device_index} but only "
+                              f"{torch.cuda.device_count()} GPU(s) are visible")
+        # DDP: one GPU per local rank (hardware.device_index offsets them)
+        return torch.device("cuda", hw.device_index + (dist.local_rank if dist.active else 0))
+    return torch.device("cpu")
+
+
 def init_distributed(hw) -> DistContext:
     """The process group of a `hardware=ddp` run started by torchrun (RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR/PORT in the environment); SINGLE otherwise."""
@@ -160,31 +179,6 @@ def shutdown_distributed(ctx: DistContext) -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-class NullRunLogger:
-    """What ranks other than 0 get instead of a RunLogger: the same interface, no files."""
-
-    def __init__(self, *args, record: Optional[dict] = None, **kwargs):
-        self.record = record or {}
-        self.record.setdefault("history", [])
-        self.record.setdefault("final", {})
-        self.record.setdefault("best", {})
-
-    def write(self) -> None:
-        pass
-
-    def scalars(self, metrics, step) -> None:
-        pass
-
-    def epoch(self, epoch, metrics) -> None:
-        self.record["history"].append({"epoch": epoch + 1, **metrics})
-        if metrics["val/acc"] > self.record["best"].get("val/acc", -1.0):
-            self.record["best"] = {"val/acc": metrics["val/acc"], "epoch": epoch + 1}
-        self.record["final"] = {k: v for k, v in metrics.items() if k.startswith(("val/", "train/"))}
-
-    def finish(self, status, error=None) -> None:
-        self.record["status"] = status
 
 
 # ----------------------------------------------------------------------------------- accelerator
@@ -283,8 +277,8 @@ class Accelerator:
 
     def reduce_sums(self, sums: Dict[str, float]) -> Dict[str, float]:
         """Epoch sums to floats; DDP: summed over ranks (each rank weighted its part)."""
-        if not self.dist.active:
-            return {k: float(v) for k, v in sums.items()}
+        if not self.dist.active:  # a fused group's sums are vectors (one entry per student)
+            return {k: v.tolist() if torch.is_tensor(v) and v.dim() else float(v) for k, v in sums.items()}
         keys = sorted(sums)
         if not keys:
             return {}
@@ -300,10 +294,8 @@ class Accelerator:
 
     @torch.no_grad()
     def evaluate(self, model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> Dict[str, float]:
-        """fit.evaluate, sharded over ranks with DDP (counts and loss sums all-reduced)."""
+        """kdexp.engine.evaluate.evaluate, sharded over ranks with DDP (counts and loss sums all-reduced)."""
         if not self.dist.active:
-            from kdexp.engine.fit import evaluate
-
             return evaluate(model, x, y, batch_size)
         was_training = model.training
         model.eval()

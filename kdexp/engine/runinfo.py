@@ -8,7 +8,7 @@ import sys
 
 from omegaconf import OmegaConf
 
-from kdexp.engine.checkpoint import atomic_json_dump
+from kdexp.io import atomic_json_dump
 
 PACKAGES = ("kdexp", "torch", "torchvision", "hydra-core", "omegaconf", "numpy", "scikit-learn", "tensorboard")
 

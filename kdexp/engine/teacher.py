@@ -1,10 +1,8 @@
-"""Teacher provider: load `teacher.checkpoint`, or train the teacher once with its own
-recipe and cache it under paths.cache_dir, keyed by a hash of everything that determines
-it. Writes are atomic and under a file lock, so parallel sweep jobs train it once.
-
-`teachers=[...]` gives an ensemble (members provided the same way, softmax outputs
-averaged); a method with `teacher_from_student = True` (Tf-KD self) gets a teacher with the
-student's architecture and the teacher recipe."""
+"""Teacher provider: for each teacher recipe of the run plan (kdexp.engine.plan), load
+`teacher.checkpoint`, or train the teacher once with its own recipe (the one fit loop) and cache
+it under paths.cache_dir, keyed by a hash of everything that determines it. Writes are atomic
+and under a file lock, so parallel sweep jobs train it once. An ensemble's members (`teachers=
+[...]`) are provided the same way and their softmax outputs averaged."""
 import hashlib
 import json
 import logging
@@ -16,15 +14,15 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn as nn
 from filelock import FileLock
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import OmegaConf
 
-from kdexp import config_dir
-from kdexp.config import TeacherConfig, validate_teacher
 from kdexp.data import Data, load_dataset
-from kdexp.engine.checkpoint import atomic_torch_save
-from kdexp.engine.fit import evaluate, fit
+from kdexp.engine.evaluate import evaluate
+from kdexp.engine.fit import fit
+from kdexp.engine.source import InMemorySource
+from kdexp.engine.steppers import MethodStepper
 from kdexp.errors import ConfigError
+from kdexp.io import atomic_torch_save
 from kdexp.losses import ensemble_log_probs
 from kdexp.methods import Batch, get_method
 from kdexp.models import get_model
@@ -119,18 +117,18 @@ def _train(tcfg, data: Data, eval_batch_size: int, progress: bool) -> torch.nn.M
                      stop, epoch + 1)
             raise _ReachedAccuracy()
 
+    # labeled=None: the teacher learns from every training label (a transfer set only hides labels
+    # from the student, as in Hinton et al.'s 3 % experiment)
+    train_data = replace(data, labeled=None)
+    if tcfg.get("labeled_only") and data.labeled is not None:  # data distillation's teacher
+        train_data = replace(data, x_train=data.x_train[data.labeled], y_train=data.y_train[data.labeled],
+                             labeled=None)
+    if data.augment is not None:  # fresh draws every epoch (augment_views is the student's setting)
+        train_data = replace(train_data, augment=replace(data.augment, views=0))
+    source = InMemorySource(train_data, batch_size=tcfg.batch_size, seed=derive_seed(tcfg.seed, "teacher/batches"))
     try:
-        # labeled=None: the teacher learns from every training label (a transfer set only
-        # hides labels from the student, as in Hinton et al.'s 3 % experiment)
-        train_data = replace(data, labeled=None)
-        if tcfg.get("labeled_only") and data.labeled is not None:  # data distillation's teacher
-            train_data = replace(data, x_train=data.x_train[data.labeled], y_train=data.y_train[data.labeled],
-                                 labeled=None)
-        if data.augment is not None:  # fresh draws every epoch (augment_views is the student's setting)
-            train_data = replace(train_data, augment=replace(data.augment, views=0))
-        fit(ce, train_data, optim_cfg=tcfg.optim, epochs=tcfg.epochs, batch_size=tcfg.batch_size,
-            seed=derive_seed(tcfg.seed, "teacher/batches"), eval_batch_size=eval_batch_size,
-            on_epoch=on_epoch, progress=progress, desc="teacher")
+        fit(MethodStepper(ce, train_data, eval_batch_size, desc="teacher"), source, optim_cfg=tcfg.optim,
+            epochs=tcfg.epochs, on_epoch=on_epoch, progress=progress, desc="teacher")
     except _ReachedAccuracy:
         pass
     return model.eval()
@@ -165,73 +163,15 @@ def _load_state(path: str, model: torch.nn.Module, what: str) -> None:
     model.load_state_dict(state)
 
 
-def _load_option(name: str, where: str):
-    """conf/teacher/<name>.yaml as a plain config (its defaults list dropped)."""
-    folder = os.path.join(config_dir(), "teacher")
-    path = os.path.join(folder, f"{name}.yaml")
-    if not os.path.isfile(path):
-        options = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
-        raise ConfigError(f"{where}: unknown teacher option {name!r}; options: {', '.join(options)}")
-    node = OmegaConf.load(path)
-    node.pop("defaults", None)
-    return node
-
-
-def resolve_teachers(items) -> List[DictConfig]:
-    """`teachers=[...]` -> one validated teacher config per member. A member is a teacher option
-    name (its conf/teacher/<name>.yaml, own recipe included), a mapping {base: NAME, ...}
-    that overrides keys of that option (e.g. {base: cnn, seed: 1}), or a full teacher config."""
-    out = []
-    for i, item in enumerate(items):
-        where = f"teachers[{i}]"
-        if isinstance(item, str):
-            base, extra = item, {}
-        elif isinstance(item, (dict, DictConfig)):
-            extra = OmegaConf.to_container(item, resolve=True) if isinstance(item, DictConfig) else dict(item)
-            base = extra.pop("base", None)
-        else:
-            raise ConfigError(f"{where}={item!r}: give a teacher option name or a mapping such as "
-                              f"{{base: cnn, seed: 1}}")
-        node = OmegaConf.structured(TeacherConfig)
-        try:
-            if base is not None:
-                node = OmegaConf.merge(node, _load_option(str(base), where))
-            node = OmegaConf.merge(node, extra)
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"{where}: {str(e).splitlines()[0]}") from None
-        if OmegaConf.is_missing(node, "arch"):
-            raise ConfigError(f"{where}: no arch; give a teacher option name or base: NAME")
-        validate_teacher(node, where)
-        out.append(node)
-    return out
-
-
-def student_teacher_config(cfg) -> DictConfig:
-    """The teacher of a `teacher_from_student` method (Tf-KD self: "train the student in the
-    normal way, then use it as the teacher"): the student's arch and args trained with the
-    student's recipe (optim, epochs, batch_size), with the teacher's own seed (fixed while
-    student seeds vary), teacher.stop_at_acc and teacher.checkpoint."""
-    t = OmegaConf.to_container(cfg.teacher, resolve=True)
-    t.update(arch=cfg.student.arch, args=OmegaConf.to_container(cfg.student.args, resolve=True),
-             optim=OmegaConf.to_container(cfg.optim, resolve=True), epochs=cfg.epochs, batch_size=cfg.batch_size)
-    return OmegaConf.merge(OmegaConf.structured(TeacherConfig), t)
-
-
-def provide_teacher(cfg, data: Data) -> Tuple[FrozenTeacher, dict]:
-    """-> (frozen teacher, info {source: trained|cache|checkpoint, key, val/acc}); an ensemble's
-    info adds `members` (one such dict per member, with its arch) and its source is the
-    members' common source (or e.g. "cache+trained"). With a domain shift the teacher is trained
-    and evaluated on the source views (the key is then that of the unshifted data)."""
+def provide_teacher(plan, data: Data) -> Tuple[FrozenTeacher, dict]:
+    """The teacher of a run plan -> (frozen teacher, info {source: trained|cache|checkpoint, key,
+    val/acc}); an ensemble's info adds `members` (one such dict per member, with its arch) and its
+    source is the members' common source (or e.g. "cache+trained"). With a domain shift the teacher
+    is trained and evaluated on the source views (the key is then that of the unshifted data)."""
     data = data.source_only()
-    from_student = get_method(cfg.method.name).teacher_from_student
-    members = list(cfg.get("teachers") or [])
-    if members:
-        if from_student:
-            raise ConfigError(f"method={cfg.method.name} distils from a teacher with the student's own architecture; "
-                              f"it takes no teachers=[...] ensemble")
-        return _provide_ensemble(cfg, data, resolve_teachers(members))
-    tcfg = student_teacher_config(cfg) if from_student else cfg.teacher
-    model, info = _provide_one(tcfg, cfg, data)
+    if plan.ensemble:
+        return _provide_ensemble(plan.cfg, data, plan.teachers)
+    model, info = _provide_one(plan.teachers[0], plan.cfg, data)
     return FrozenTeacher(model, data.in_shape), info
 
 

@@ -7,8 +7,9 @@ is a named input tensor of the whole training set (`add_view("train", data.x_tra
 loop's batches carry `Batch.view = "train"` and `Batch.idx`, the positions of their samples).
 On the first request for a view the teacher runs over all of its samples in chunks and the
 outputs stay on the training device; every later request is a gather by `Batch.idx`.
-A Batch without a view (one that a method builds itself, possibly from other inputs) or of a
-view the cache does not hold always runs the teacher online, so a cached output is never
+A Batch without a view (one that a method builds or derives itself, possibly from other inputs:
+only a data source names a batch's view) or of a view the cache does not hold always runs the
+teacher online, so a cached output is never
 served for another input than the one it was computed from. Views with random augmentation
 must not be registered (or must be registered per augmentation draw under their own name).
 
@@ -18,7 +19,8 @@ a memory budget (`teacher.cache_max_gb`); names beyond it run online.
     teacher = TeacherCache(frozen).add_view("train", data.x_train)
 
 Methods that need more than outputs of batch.x (the gradient w.r.t. the input, e.g.
-`jacobian`) set `teacher_cacheable = False` and get the plain teacher (`wrap_teacher`)."""
+`jacobian`) declare `cacheable=False` in their requirements and get the plain teacher
+(`cached_teacher` follows the run plan's cache policy)."""
 import logging
 import time
 from typing import Dict, Optional, Sequence, Tuple
@@ -200,34 +202,34 @@ def _soft(logits: torch.Tensor, temperature: float) -> Tuple[torch.Tensor, torch
     return p, (p * log_p).sum(-1)
 
 
-def wrap_teacher(teacher, cfg, method_cls, data) -> Tuple[object, dict]:
-    """The teacher the method gets: the cached wrapper when `teacher.cache` is on and the method
-    allows it, else `teacher` itself. -> (teacher, info for metrics.json)."""
+def cached_teacher(teacher, policy, data):
+    """The teacher handle a method gets under the plan's cache policy (kdexp.engine.plan.CachePolicy):
+    the cached wrapper serving view `data.view` (data.x_train), or `teacher` itself (online) -> (handle,
+    info for metrics.json)."""
     if teacher is None:
-        return None, {"enabled": False, "reason": "no teacher"}
-    if not cfg.teacher.get("cache", True):
-        reason = "teacher.cache=false"
-    elif not getattr(method_cls, "teacher_cacheable", True):
-        reason = f"method={cfg.method.name} needs the teacher online (teacher_cacheable=False)"
-    else:
-        gb = cfg.teacher.get("cache_max_gb", None)
-        max_bytes = None if gb is None else int(gb * 2 ** 30)
-        cache = TeacherCache(teacher, max_bytes=max_bytes).add_view(getattr(data, "view", "train"), data.x_train)
-        return cache, {"enabled": True}
-    log.info("teacher outputs are computed online (%s)", reason)
-    return teacher, {"enabled": False, "reason": reason}
+        return None, policy.describe()
+    if not policy.enabled:
+        log.info("teacher outputs are computed online (%s)", policy.reason)
+        return teacher, policy.describe()
+    cache = TeacherCache(teacher, max_bytes=policy.max_bytes).add_view(data.view, data.x_train)
+    return cache, policy.describe()
 
 
-def register_view(method, name: str, x) -> None:
-    """Let the method's teacher-output cache (if it has one) serve view `name`, whose sample i is
-    x[i] (a tensor or an AugmentedView). A name already registered keeps its cached outputs: the
-    fit loop names augmentation draws by number, and a draw's inputs are fixed by its number."""
-    cache = getattr(method, "teacher", None)
-    if isinstance(cache, TeacherCache) and name not in cache._views:
-        cache.add_view(name, x)
+def view_registrar(teacher):
+    """The sources' `register_view` for this teacher handle: a teacher-output cache serves view
+    `name`, whose sample i is x[i] (a tensor or an AugmentedView); None for an online teacher. A name
+    already registered keeps its cached outputs: augmentation draws are named by number, and a
+    draw's inputs are fixed by its number."""
+    if not isinstance(teacher, TeacherCache):
+        return None
+
+    def register(name: str, x) -> None:
+        if name not in teacher._views:
+            teacher.add_view(name, x)
+    return register
 
 
-def take_fill_seconds(method) -> Tuple[float, float]:
-    """(wall, CPU) seconds the method's teacher cache spent on one-off passes since the last call."""
-    take = getattr(getattr(method, "teacher", None), "take_fill_seconds", None)
+def take_fill_seconds(teacher) -> Tuple[float, float]:
+    """(wall, CPU) seconds the teacher-output cache spent on one-off passes since the last call."""
+    take = getattr(teacher, "take_fill_seconds", None)
     return take() if callable(take) else (0.0, 0.0)

@@ -18,11 +18,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from kdexp.config import MethodConfig
 from kdexp.errors import ConfigError
 from kdexp.losses import (dann_lambda, domain_classification_loss, gradient_reversal, soft_cross_entropy,
                           ts_adapt_loss)
-from kdexp.methods import Method, register_method
+from kdexp.methods.base import Method, MethodConfig, Requirements, register_method
 from kdexp.methods.transfer import _embedding_layer, freeze, load_teacher_weights
 from kdexp.models.taps import run_with_features
 
@@ -53,9 +52,9 @@ class TSAdaptConfig(MethodConfig):
 
 
 class _TSBase(Method):
-    train_view = "paired"
+    requires = Requirements(views="paired")
 
-    def __init__(self, cfg, student, teacher=None):
+    def __init__(self, cfg, student, teacher):
         super().__init__(cfg, student, teacher)
         _check_match(cfg)
         _label_free(cfg)
@@ -81,10 +80,9 @@ class TSAdapt(_TSBase):
     no labels are used. beta > 0 adds the same match on the source view (s(x_source) vs
     t(x_source)), a label-free way to keep the source domain."""
 
-    def __init__(self, cfg, student, teacher=None):
+    def __init__(self, cfg, student, teacher):
         super().__init__(cfg, student, teacher)
-        if teacher is not None:  # None: constructed for inspection only (the runner always gives one)
-            load_teacher_weights(student, teacher, "ts_adapt")
+        load_teacher_weights(student, teacher, "ts_adapt")
 
 
 class IdentityLinear(nn.Module):
@@ -154,10 +152,8 @@ class TSAdapter(_TSBase):
     copy of the teacher; only the adapter trains, with ts_adapt's targets. The configured student
     architecture is not used."""
 
-    def __init__(self, cfg, student, teacher=None):
+    def __init__(self, cfg, student, teacher):
         super().__init__(cfg, student, teacher)
-        if teacher is None:  # constructed for inspection only: no adapter without the teacher's input shape
-            return
         in_shape = getattr(teacher, "in_shape", None)
         if in_shape is None:
             raise ConfigError("method=ts_adapter needs the teacher's input shape (FrozenTeacher(model, in_shape))")
@@ -180,7 +176,7 @@ class CQD(Method):
     """Cross-quality distillation (Su & Maji 2016, arXiv 1604.00433): the teacher sees the
     high-quality view (source), the student the degraded one (target, e.g. domain=lowres):
     w_ce * CE(s(x_target), y) + alpha * T^2 * H(softmax(t(x_source)/T), softmax(s(x_target)/T))."""
-    train_view = "paired"
+    requires = Requirements(views="paired")
 
     def losses(self, batch):
         s = self.student(batch.x_target)
@@ -213,10 +209,9 @@ class DANN(Method):
     beta * BCE_domain, with the reversal factor lambda_p = 2 / (1 + exp(-gamma p)) - 1 rising with
     the training progress p. The paper's LR annealing mu0 / (1 + 10 p)^0.75 is optim.schedule=dann
     (with optim.name=sgd, momentum 0.9). No teacher."""
-    uses_teacher = False
-    train_view = "paired"
+    requires = Requirements(teacher="none", views="paired")
 
-    def __init__(self, cfg, student, teacher=None):
+    def __init__(self, cfg, student, teacher):
         super().__init__(cfg, student, teacher)
         if cfg.lambda_schedule not in ("paper", "constant"):
             raise ConfigError(f"method.lambda_schedule={cfg.lambda_schedule!r} is out of range: one of paper, constant")

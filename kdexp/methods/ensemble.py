@@ -8,10 +8,9 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 
-from kdexp.config import MethodConfig
 from kdexp.errors import ConfigError
 from kdexp.losses import discriminator_loss, gradient_reversal, kd_loss, soften
-from kdexp.methods import Method, register_method
+from kdexp.methods.base import Method, MethodConfig, register_method
 
 
 def output_discriminator(num_classes: int, hidden: int) -> nn.Module:

@@ -13,18 +13,17 @@ stage, ab, ft, fsp) run their first stage in `prepare` for method.init_epochs ep
 import abc
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdexp.config import MethodConfig
-from kdexp.errors import ConfigError, KdexpError
+from kdexp.errors import ConfigError
 from kdexp.losses import (ab_loss, at_loss, factor_transfer_loss, fitnet_loss, fsp_loss, kd_loss, nst_loss,
                           vid_loss)
-from kdexp.methods import Batch, Method, register_method
+from kdexp.methods.base import Batch, Method, MethodConfig, OptimConfig, Requirements, Stage, register_method
 from kdexp.models.connectors import Connector, Paraphraser, Translator, as_map, map_channels, match_spatial
 from kdexp.models.taps import default_layers, feature_shapes, run_with_features
 
@@ -41,37 +40,28 @@ class FeatureConfig(MethodConfig):
 
 @dataclass
 class StagedConfig(FeatureConfig):
-    """Methods with a first training stage before the main one (run by `prepare`)."""
+    """Methods with a first training stage before the main one (their `stages`)."""
     init_epochs: int = 30  # epochs of the first stage (RepDistiller: 30); 0 skips it
-    # Its optimizer: adam (no weight decay), or sgd (momentum 0.9, weight decay 5e-4: RepDistiller's
-    # init stage, with its lr 0.05). Adam is the default because it is insensitive to the scale of
-    # the stage loss, which depends on each loss's normalization convention (see kdexp.losses).
-    init_optim: str = "adam"
-    init_lr: float = 0.001
+    # Its optimizer. Adam (lr 1e-3, no weight decay) is the default because it is insensitive to the
+    # scale of the stage loss, which depends on each loss's normalization convention (see
+    # kdexp.losses); RepDistiller's init stage is sgd with lr 0.05, momentum 0.9, weight_decay 5e-4.
+    init_optim: OptimConfig = field(default_factory=OptimConfig)
     init_batch_size: int = 64
-
-
-class StageDivergedError(KdexpError):
-    pass
 
 
 class FeatureMethod(Method):
     """Base: resolves the layers, probes their shapes on the data's input shape, builds the
     method's connectors (`build`), and combines CE, KD and the method's term (`feature_loss`)."""
+    requires = Requirements(features="any")
     role: str = "stages"  # default taps: stem | stages | preact | embedding
     pick: str = "all"  # all | last | hint (the middle stage, FitNets) | stem+stages (FSP)
     term: str = "feat"  # name of the method's loss term (train/loss_<term>)
 
-    def __init__(self, cfg, student: nn.Module, teacher=None):
+    def __init__(self, cfg, student: nn.Module, teacher):
         super().__init__(cfg, student, teacher)
         if not (self.w_ce or cfg.alpha or cfg.beta):
             raise ConfigError(f"method={cfg.name}: method.w_ce, method.alpha and method.beta are all 0; "
                               f"nothing to train")
-        self.s_layers: List[str] = []
-        self.t_layers: List[str] = []
-        self.init_losses: List[float] = []  # per epoch of the first stage, if any
-        if teacher is None:  # constructed for inspection only (no teacher, no connectors)
-            return
         in_shape = getattr(teacher, "in_shape", None)
         if in_shape is None:
             raise ConfigError(f"method={cfg.name} probes feature shapes: build the teacher as "
@@ -79,10 +69,14 @@ class FeatureMethod(Method):
         self.s_layers, self.t_layers = self._layers(cfg, student, teacher.model)
         s_shapes = feature_shapes(student, self.s_layers, in_shape, "student")
         t_shapes = feature_shapes(teacher.model, self.t_layers, in_shape, "teacher")
+        self._tapped = {"student": list(zip(self.s_layers, s_shapes)), "teacher": list(zip(self.t_layers, t_shapes))}
         log.info("%s: student %s -> teacher %s", cfg.name,
                  ", ".join(f"{n} {s}" for n, s in zip(self.s_layers, s_shapes)),
                  ", ".join(f"{n} {s}" for n, s in zip(self.t_layers, t_shapes)))
         self.build(s_shapes, t_shapes)
+
+    def tapped_features(self):
+        return self._tapped
 
     # -- layers ----------------------------------------------------------------------------
     def _defaults(self, model: nn.Module, what: str) -> List[str]:
@@ -123,19 +117,13 @@ class FeatureMethod(Method):
         """The method's term from the paired student/teacher features (lists in layer order)."""
 
     # -- forward -------------------------------------------------------------------------------
-    def _require_teacher(self) -> None:
-        if self.teacher is None or not self.s_layers:
-            raise ConfigError(f"method={self.cfg.name} needs a teacher (built with the data's input shape)")
-
     def features(self, batch: Batch):
         """(student logits, student features, teacher logits, teacher features), lists in layer order."""
-        self._require_teacher()
         s_logits, s_f = run_with_features(self.student, batch.x, self.s_layers, "student")
         t_logits, t_f = self.teacher.features(batch, self.t_layers)
         return s_logits, [s_f[n] for n in self.s_layers], t_logits, [t_f[n] for n in self.t_layers]
 
     def losses(self, batch: Batch) -> Dict[str, torch.Tensor]:
-        self._require_teacher()
         cfg = self.cfg
         if cfg.beta:
             s_logits, s_f, t_logits, t_f = self.features(batch)
@@ -150,43 +138,24 @@ class FeatureMethod(Method):
         return terms
 
     # -- first training stage ------------------------------------------------------------------
-    def run_stage(self, data, params: Sequence[torch.Tensor], loss_fn: Callable[[Batch], torch.Tensor],
-                  what: str) -> None:
-        """Train `params` on `loss_fn(batch)` for method.init_epochs epochs (optimizer
-        method.init_optim with lr method.init_lr; batches of method.init_batch_size drawn from the
-        global torch RNG, which the runner seeds). Labels are not used."""
+    def stage(self, name: str, modules: Sequence[nn.Module], loss: Callable[[Batch], torch.Tensor],
+              trainable: Sequence[nn.Module] = ()) -> List[Stage]:
+        """The method's first stage: the parameters of `modules` trained on `loss(batch)` for
+        method.init_epochs epochs with method.init_optim and batches of method.init_batch_size
+        (labels are not used); [] when init_epochs is 0."""
         cfg = self.cfg
-        if cfg.init_epochs < 0 or cfg.init_lr <= 0 or cfg.init_batch_size < 1 or cfg.init_optim not in ("adam", "sgd"):
-            raise ConfigError(f"method={cfg.name}: init_epochs >= 0, init_lr > 0, init_batch_size >= 1 and init_optim "
-                              f"in (adam, sgd) are required (got {cfg.init_epochs}, {cfg.init_lr}, "
-                              f"{cfg.init_batch_size}, {cfg.init_optim!r})")
-        if cfg.init_epochs == 0:
-            return
-        self._require_teacher()
-        params = [p for p in params if p.requires_grad]
-        if cfg.init_optim == "sgd":
-            opt = torch.optim.SGD(params, lr=cfg.init_lr, momentum=0.9, weight_decay=5e-4)
-        else:
-            opt = torch.optim.Adam(params, lr=cfg.init_lr)
-        n, device = len(data.x_train), data.x_train.device
-        self.train()
-        for epoch in range(cfg.init_epochs):
-            perm = torch.randperm(n).to(device)
-            total, seen = 0.0, 0
-            for i in range(0, n, cfg.init_batch_size):
-                idx = perm[i:i + cfg.init_batch_size]
-                if len(idx) < 2:  # BatchNorm needs 2 samples
-                    continue
-                loss = loss_fn(Batch(data.x_train[idx], data.y_train[idx], idx))
-                if not torch.isfinite(loss):
-                    raise StageDivergedError(f"{cfg.name} {what}: loss is {loss.item()} at epoch {epoch + 1}; "
-                                             f"lower method.init_lr (now {cfg.init_lr})")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total, seen = total + loss.item() * len(idx), seen + len(idx)
-            self.init_losses.append(total / max(seen, 1))
-            log.info("%s %s: epoch %d/%d loss %.5f", cfg.name, what, epoch + 1, cfg.init_epochs, self.init_losses[-1])
+        if cfg.init_epochs < 0 or cfg.init_batch_size < 1:
+            raise ConfigError(f"method={cfg.name}: init_epochs >= 0 and init_batch_size >= 1 are required "
+                              f"(got {cfg.init_epochs}, {cfg.init_batch_size})")
+        if not cfg.init_epochs:
+            return []
+        params = [p for m in modules for p in m.parameters()]
+        return [Stage(name, params, loss, cfg.init_epochs, cfg.init_optim, cfg.init_batch_size, tuple(trainable))]
+
+    def stage_loss(self, batch: Batch) -> torch.Tensor:
+        """The method's own term alone (the first stage of fitnet, ab and fsp)."""
+        _, s, _, t = self.features(batch)
+        return self.feature_loss(s, t, batch)
 
 
 # ------------------------------------------------------------------------------------- FitNets
@@ -213,14 +182,8 @@ class FitNet(FeatureMethod):
     def feature_loss(self, s, t, batch):
         return fitnet_loss(self.regressor(s[0]), t[0])
 
-    def prepare(self, data, device):
-        def hint(batch):
-            _, s, _, t = self.features(batch)
-            return self.feature_loss(s, t, batch)
-
-        if self.cfg.init_epochs:
-            self.run_stage(data, list(self.student.parameters()) + list(self.regressor.parameters()), hint,
-                           "hint stage")
+    def stages(self):
+        return self.stage("hint stage", [self.student, self.regressor], self.stage_loss)
 
 
 # ------------------------------------------------------------------------------------- AT
@@ -239,6 +202,7 @@ class AT(FeatureMethod):
     times beta: the paper's 'beta/2 with beta = 1000 divided by the number of elements in the
     attention map and the batch size' (the batch mean is in at_loss). Maps of different sizes
     are matched by average-pooling the larger one."""
+    requires = Requirements(features="maps")
     term = "at"
 
     def feature_loss(self, s, t, batch):
@@ -262,6 +226,7 @@ class NST(FeatureMethod):
     """Neuron selectivity transfer (Huang & Wang 2017): squared MMD with the polynomial kernel
     (d=2, c=0) between the student's and teacher's channel activation maps at every stage end
     (channel counts may differ; the larger map is average-pooled); summed over layers."""
+    requires = Requirements(features="maps")
     term = "nst"
 
     def feature_loss(self, s, t, batch):
@@ -296,13 +261,8 @@ class AB(FeatureMethod):
         return sum(2.0 ** (i - n + 1) * ab_loss(conn(fs), ft, self.cfg.margin)
                    for i, (conn, fs, ft) in enumerate(zip(self.connectors, s, t)))
 
-    def prepare(self, data, device):
-        def init(batch):
-            _, s, _, t = self.features(batch)
-            return self.feature_loss(s, t, batch)
-
-        self.run_stage(data, list(self.student.parameters()) + list(self.connectors.parameters()), init,
-                       "initialization stage")
+    def stages(self):
+        return self.stage("initialization stage", [self.student, self.connectors], self.stage_loss)
 
 
 # ------------------------------------------------------------------------------------- FT
@@ -338,17 +298,15 @@ class FT(FeatureMethod):
         fs, ft = match_spatial(self.translator(as_map(s[0])), self.teacher_factor(t[0]))
         return factor_transfer_loss(fs, ft, self.cfg.p)
 
-    def prepare(self, data, device):
-        def reconstruction(batch):
-            _, feats = self.teacher.features(batch, self.t_layers)
-            target = as_map(feats[self.t_layers[0]])
-            return F.mse_loss(self.paraphraser(target), target)
+    def reconstruction_loss(self, batch: Batch) -> torch.Tensor:
+        """The paraphraser's pre-training loss: MSE of its reconstruction of the teacher's feature."""
+        _, feats = self.teacher.features(batch, self.t_layers)
+        target = as_map(feats[self.t_layers[0]])
+        return F.mse_loss(self.paraphraser(target), target)
 
-        self.paraphraser.requires_grad_(True)
-        try:
-            self.run_stage(data, list(self.paraphraser.parameters()), reconstruction, "paraphraser pre-training")
-        finally:
-            self.paraphraser.requires_grad_(False)
+    def stages(self):
+        return self.stage("paraphraser pre-training", [self.paraphraser], self.reconstruction_loss,
+                          trainable=[self.paraphraser])
 
 
 # ------------------------------------------------------------------------------------- FSP
@@ -366,6 +324,7 @@ class FSP(FeatureMethod):
     squared Frobenius distance to the teacher's. Student layers whose channel count differs
     from the teacher's go through a 1x1 conv + BN connector. `prepare` runs the paper's first
     stage (FSP loss only, init_epochs); the main stage is CE (+ KD) (+ beta * FSP)."""
+    requires = Requirements(features="maps")
     pick = "stem+stages"
     term = "fsp"
 
@@ -380,13 +339,8 @@ class FSP(FeatureMethod):
     def feature_loss(self, s, t, batch):
         return fsp_loss([conn(fs) for conn, fs in zip(self.connectors, s)], t)
 
-    def prepare(self, data, device):
-        def init(batch):
-            _, s, _, t = self.features(batch)
-            return self.feature_loss(s, t, batch)
-
-        self.run_stage(data, list(self.student.parameters()) + list(self.connectors.parameters()), init,
-                       "first stage")
+    def stages(self):
+        return self.stage("first stage", [self.student, self.connectors], self.stage_loss)
 
 
 # ------------------------------------------------------------------------------------- VID

@@ -4,10 +4,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kdexp.config import MethodConfig
 from kdexp.errors import ConfigError
 from kdexp.losses import jacobian_loss, kd_loss
-from kdexp.methods import UNLABELED, Method, register_method
+from kdexp.methods.base import Method, MethodConfig, Requirements, register_method, UNLABELED
 
 
 @dataclass
@@ -37,6 +36,7 @@ class Jacobian(Method):
     its training step backpropagates through it (double backward); the teacher's is computed
     w.r.t. the input only. With BatchNorm in training mode the student's gradient of a sample
     also carries the (small) batch-statistics coupling to the others."""
+    requires = Requirements(cacheable=False)
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)
@@ -44,8 +44,6 @@ class Jacobian(Method):
             raise ConfigError("method=jacobian: method.w_ce, method.alpha and method.beta are all 0; nothing to train")
 
     def losses(self, batch):
-        if self.teacher is None:
-            raise ConfigError("method=jacobian needs a teacher")
         cfg = self.cfg
         t_logits, g_t, y = teacher_input_gradient(self.teacher.model, batch.x, batch.y)
         x = batch.x.detach().requires_grad_(cfg.beta > 0)

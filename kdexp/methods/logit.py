@@ -2,10 +2,9 @@
 from dataclasses import dataclass
 from typing import Optional
 
-from kdexp.config import MethodConfig
 from kdexp.errors import ConfigError
 from kdexp.losses import kd_ce_loss_soft, kd_loss
-from kdexp.methods import UNLABELED, Method, register_method
+from kdexp.methods.base import Method, MethodConfig, Requirements, register_method, UNLABELED
 
 
 @dataclass
@@ -18,8 +17,7 @@ class CEConfig(MethodConfig):
 class CE(Method):
     """The student alone on labels: w_ce * CE. Ignores temperature and alpha, so a sweep
     over them still has a baseline row per value."""
-    uses_teacher = False
-    uses_unlabeled = False  # dataset.label_fraction < 1: trains on the labeled part only
+    requires = Requirements(teacher="none", labels="required", fusable=True)
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)
@@ -38,6 +36,7 @@ class KDConfig(MethodConfig):
 @register_method("kd", config=KDConfig)
 class KD(Method):
     """Hinton et al. 2015: w_ce * CE + alpha * T^2 * KL(p_t^T || p_s^T); w_ce defaults to 1 - alpha."""
+    requires = Requirements(fusable=True)
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)

@@ -10,10 +10,9 @@ from typing import Optional
 
 import torch
 
-from kdexp.config import MethodConfig
 from kdexp.errors import ConfigError
 from kdexp.losses import dist_terms, dkd_terms, logit_mse_loss
-from kdexp.methods import UNLABELED, Method, register_method
+from kdexp.methods.base import Method, MethodConfig, UNLABELED, register_method
 
 
 @dataclass

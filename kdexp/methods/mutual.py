@@ -6,10 +6,9 @@ from typing import Dict, Optional
 
 import torch.nn as nn
 
-from kdexp.config import MethodConfig
 from kdexp.errors import ConfigError
 from kdexp.losses import mutual_kl_loss
-from kdexp.methods import Method, register_method
+from kdexp.methods.base import Method, MethodConfig, Requirements, register_method
 
 
 @dataclass
@@ -35,7 +34,7 @@ class DML(Method):
     (`kdexp.losses.mutual_kl_loss`). The peers are copies of the student's architecture with
     their own initialization; the student is peer 0 (val/acc) and the others are evaluated
     every epoch as val/acc_peer1, val/acc_peer2, ... Logged terms sum over the peers."""
-    uses_teacher = False
+    requires = Requirements(teacher="none")
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from kdexp.errors import ConfigError
 from kdexp.losses import cc_loss, crd_nce_loss, darkrank_loss, pkt_loss, rkd_loss, sp_loss
-from kdexp.methods import register_method
+from kdexp.methods.base import register_method
 from kdexp.methods.feature import FeatureConfig, FeatureMethod
 from kdexp.models.connectors import Embed, flat_dim
 

@@ -9,10 +9,9 @@ presets experiment=tfkd_reversed and experiment=tfkd_defective.
 from dataclasses import dataclass
 from typing import Optional
 
-from kdexp.config import MethodConfig
 from kdexp.errors import ConfigError
 from kdexp.losses import lsr_loss, tfkd_reg_loss
-from kdexp.methods import UNLABELED, Method, register_method
+from kdexp.methods.base import Method, MethodConfig, Requirements, register_method, UNLABELED
 from kdexp.methods.logit import KD
 
 
@@ -34,8 +33,7 @@ class LSR(Method):
     """Label smoothing regularization (Szegedy et al. 2016): w_ce * H((1 - eps) * one_hot + eps / C,
     softmax(s)). No teacher; temperature and alpha are accepted and ignored. LSR is KD from a
     uniform virtual teacher at T=1 with weight eps (Yuan et al. 2020, eq. 6)."""
-    uses_teacher = False
-    uses_unlabeled = False
+    requires = Requirements(teacher="none", labels="required")
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)
@@ -63,7 +61,7 @@ class TfKDSelf(KD):
     the student's recipe (optim, epochs, batch_size) and teacher.seed. The teacher provider
     trains and caches it under its own key; teacher.checkpoint loads one instead and
     teacher.stop_at_acc stops it early. teacher.arch/args/optim/epochs are not used."""
-    teacher_from_student = True
+    requires = Requirements(teacher="self")
 
 
 @dataclass
@@ -80,8 +78,7 @@ class TfKDReg(Method):
     teacher p^d = a on the true class and (1 - a)/(C - 1) elsewhere, softened as the paper
     describes (p^d^(1/T), renormalized), never by a softmax of the probabilities (see
     `kdexp.losses.tfkd_reg_loss`). No trained teacher."""
-    uses_teacher = False
-    uses_unlabeled = False
+    requires = Requirements(teacher="none", labels="required")
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)

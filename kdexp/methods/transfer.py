@@ -12,10 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdexp.config import MethodConfig
 from kdexp.errors import ConfigError
 from kdexp.losses import l2_loss, l2sp_loss
-from kdexp.methods import UNLABELED, Batch, Method, register_method
+from kdexp.methods.base import Batch, Method, MethodConfig, Requirements, register_method, UNLABELED
 from kdexp.models.taps import default_layers, run_with_features
 
 log = logging.getLogger(__name__)
@@ -122,9 +121,7 @@ class Finetune(Method):
     w_ce * CE + beta/2 * ||w_S - w_S^0||^2 + l2_new/2 * ||w_new||^2. With a domain shift it trains
     on the target view (domain.train_view overrides). The teacher may be pretrained on other
     classes (teacher.classes). pretrained=false copies nothing: the same recipe from scratch."""
-    train_view = "target"
-    teacher_outputs = False
-    uses_unlabeled = False
+    requires = Requirements(teacher="weights", labels="required", views="target")
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)
@@ -140,7 +137,7 @@ class Finetune(Method):
         if both:
             raise ConfigError(f"method.reinit {both} overlaps the frozen modules {frozen}: a frozen re-initialized "
                               f"layer would stay random")
-        if teacher is not None and cfg.pretrained:  # teacher None: constructed for inspection only
+        if cfg.pretrained:
             load_teacher_weights(student, teacher, "finetune", skip=reinit)
         for m in _modules_by_name(student, reinit, "method.reinit"):
             _reset(m)
@@ -231,14 +228,10 @@ class Progressive(Method):
     initialization) is the new column, trained with w_ce * CE on the new task's labels through
     lateral connections from the old column. The deployed model (val/acc) is both columns. With a
     domain shift it trains on the target view."""
-    train_view = "target"
-    teacher_outputs = False
-    uses_unlabeled = False
+    requires = Requirements(teacher="weights", labels="required", views="target")
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)
-        if teacher is None:  # constructed for inspection only: the teacher is the first column
-            return
         old = copy.deepcopy(teacher.model)
         src, dst = old.state_dict(), student.state_dict()
         if set(src) != set(dst):
@@ -271,7 +264,7 @@ class Multitask(Method):
     (`layer`) with labels derived from the main ones by a label map (e.g. parity, or the classes
     0-4 and 5-9 as two tasks). Loss: w_ce * CE_main + sum_k w_k * CE_k (w_k: the task's weight or beta).
     Each head's accuracy is logged as val/acc_<task> (the val/acc view)."""
-    uses_teacher = False
+    requires = Requirements(teacher="none")
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)
@@ -369,7 +362,6 @@ class DataDistill(Method):
     samples (one mean). The hidden labels are used only to log the pseudo-labels' accuracy
     (train/pseudo_label_acc), never for training. Pair with teacher.labeled_only=true so the
     teacher learns from the labeled part alone, as in the paper."""
-    uses_unlabeled = True
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)

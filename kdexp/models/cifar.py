@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdexp.errors import ConfigError
-from kdexp.models import register_model
+from kdexp.models.registry import register_model
 from kdexp.models.taps import set_feature_layers
 
 

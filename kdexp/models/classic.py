@@ -4,7 +4,7 @@ from typing import Tuple
 import torch.nn as nn
 
 from kdexp.errors import ConfigError
-from kdexp.models import register_model
+from kdexp.models.registry import register_model
 from kdexp.models.taps import set_feature_layers
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}

@@ -17,6 +17,7 @@ Builders of registered models attach default layers per role (`set_feature_layer
 activation), `embedding` (the penultimate feature vector). Methods use them when their
 `student_layers` / `teacher_layers` config is null.
 """
+import itertools
 from collections import OrderedDict
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -91,14 +92,20 @@ def run_with_features(model: nn.Module, x: torch.Tensor, specs: Sequence[str],
     return out, dict(values)
 
 
+def _device(model: nn.Module) -> torch.device:
+    """Where the model's tensors live (its first parameter, else its first buffer; CPU for a
+    model with neither): the probe batch goes there, meta for a skeleton."""
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def _probe(model: nn.Module, in_shape: Tuple[int, ...], specs: Optional[Sequence[str]] = None):
     """Run a zero batch of 2 through `model` in eval mode (restoring its mode)."""
     was_training = model.training
     model.eval()
     try:
-        param = next(iter(model.parameters()), None)
-        x = torch.zeros(2, *in_shape, device=param.device if param is not None else "cpu")
+        x = torch.zeros(2, *in_shape, device=_device(model))
         if specs is not None:
             return run_with_features(model, x, specs)[1]
         shapes: "OrderedDict[str, Tuple[int, ...]]" = OrderedDict()
@@ -142,6 +149,15 @@ def feature_shapes(model: nn.Module, specs: Sequence[str], in_shape: Iterable[in
                           f"for input {in_shape}; add ':in' for a module's input): {listing}")
     values = _probe(model, in_shape, specs)
     return [tuple(values[s].shape[1:]) for s in specs]
+
+
+def feature_kind(shape: Sequence[int]) -> str:
+    """'map' for a (C, H, W) feature with H * W > 1, 'vector' otherwise ((D,) or (C, 1, 1)). A 1x1
+    map carries no spatial structure: spatial terms degenerate on it (attention transfer's
+    L2-normalized attention map is then the constant 1 for every sample, its loss identically 0),
+    so it counts as a vector of C values, e.g. when choosing a connector or refusing a spatial method."""
+    shape = tuple(shape)
+    return "map" if len(shape) == 3 and shape[1] * shape[2] > 1 else "vector"
 
 
 def set_feature_layers(model: nn.Module, *, stages: Sequence[str], preact: Optional[Sequence[str]] = None,

@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader never sees a half-written checkpoint or metrics file."""
+"""Atomic file writes: a reader never sees a half-written checkpoint, metrics or cache file."""
 import json
 import os
 import tempfile

@@ -1,0 +1,210 @@
+"""Datasets as in-memory tensors (the package kdexp.data re-exports this module and registers the
+built-in datasets). A dataset builder returns raw splits; `load_dataset`
+applies the class subset, normalization and label remapping the same way for all.
+
+Each builder also declares, as registry metadata, what it gives a model before any data is read:
+`@register_dataset(name, signature=fn)` with fn(cfg) -> (in_shape or None, num_classes or None),
+the builder's raw shape and class count (before dataset.classes). `dataset_signature` turns that
+into the `Signature` that `load_dataset` would give, so a run can be checked without loading data."""
+import hashlib
+import os
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from kdexp.data.augment import Augment
+from kdexp.data.domain import apply_transforms, describe, parse_transforms as domain_steps, target_shape
+from kdexp.errors import ConfigError, DataError
+from kdexp.registry import Registry
+
+DATASETS = Registry("dataset")
+register_dataset = DATASETS.register
+list_datasets = DATASETS.names
+
+
+@dataclass
+class Data:
+    """Train/val tensors. x: float (N, C, H, W) for images or (N, D) for vectors; y: long (N,)."""
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    num_classes: int
+    name: str
+    # dataset.label_fraction < 1: bool (N_train,), True where the training sample keeps its
+    # label; the rest is an unlabeled transfer set. None: every training sample is labeled.
+    labeled: Optional[torch.Tensor] = None
+    # Domain shift (conf/domain, kdexp.data.domain): the target view of every sample, parallel to
+    # x_train / x_val (same index = same sample; x_train / x_val are the source views). None: no shift.
+    x_train_target: Optional[torch.Tensor] = None
+    x_val_target: Optional[torch.Tensor] = None
+    domain: Optional[str] = None  # the shift, e.g. "vflip" (kdexp.data.domain.describe)
+    # Name of the view x_train holds, the key of the teacher-output cache: "train" (the source
+    # view), "train_target" when a single-view method trains on the target view.
+    view: str = "train"
+    # dataset.augment: random crop/flip of the training images, replayable (kdexp.data.augment). None: off.
+    augment: Optional["Augment"] = None
+
+    TENSORS = ("x_train", "y_train", "x_val", "y_val", "labeled", "x_train_target", "x_val_target")
+
+    @property
+    def in_shape(self) -> Tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def to(self, device) -> "Data":
+        return replace(self, **{k: getattr(self, k).to(device) for k in self.TENSORS if getattr(self, k) is not None})
+
+    def source_only(self) -> "Data":
+        """The source views alone (no target view): what a teacher trains and is evaluated on."""
+        return replace(self, x_train_target=None, x_val_target=None, domain=None)
+
+
+# Where stratified_split keeps the index arrays it computed (set by load_dataset from paths.cache_dir):
+# scikit-learn takes ~1.4 s to import, more than a default run's training, and is needed for nothing else.
+_SPLIT_CACHE: Optional[str] = None
+
+
+def stratified_split(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int):
+    """Fixed-seed stratified split (scikit-learn's train_test_split) -> x_train, x_val, y_train, y_val.
+    The split depends only on the labels, the fraction and the seed, so its index arrays are kept
+    under <paths.cache_dir>/splits/ and reused by later runs without importing scikit-learn."""
+    y = np.asarray(y)
+    key = hashlib.sha256(np.ascontiguousarray(y).tobytes() + f"{y.dtype}/{val_fraction}/{seed}".encode()).hexdigest()[:20]
+    path = os.path.join(_SPLIT_CACHE, "splits", f"{key}.npz") if _SPLIT_CACHE else None
+    if path and os.path.isfile(path):
+        with np.load(path) as f:
+            tr, va = f["train"], f["val"]
+    else:
+        from sklearn.model_selection import train_test_split
+
+        tr, va = train_test_split(np.arange(len(y)), test_size=val_fraction, random_state=seed, stratify=y)
+        if path:
+            from kdexp.io import atomic_write
+
+            atomic_write(path, lambda f: np.savez(f, train=tr, val=va))
+    return x[tr], x[va], y[tr], y[va]
+
+
+def labeled_mask(y: np.ndarray, fraction: float, seed: int) -> torch.Tensor:
+    """Stratified choice of the training samples that keep their label (dataset.label_fraction):
+    floor(fraction * N) samples, class proportions preserved, fixed by `seed` -> bool (N,)."""
+    n = len(y)
+    keep = int(fraction * n)
+    classes = len(np.unique(y))
+    if keep < classes:
+        raise ConfigError(f"dataset.label_fraction={fraction} keeps {keep} of {n} training labels, fewer than the "
+                          f"{classes} classes; use at least {classes / n:.4f}")
+    if keep == n:
+        return torch.ones(n, dtype=torch.bool)
+    from sklearn.model_selection import train_test_split
+
+    try:
+        chosen, _ = train_test_split(np.arange(n), train_size=keep, random_state=seed, stratify=y)
+    except ValueError as e:  # e.g. fewer unlabeled samples left than classes
+        raise ConfigError(f"dataset.label_fraction={fraction}: no stratified split of {n} samples ({e})") from None
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.as_tensor(chosen)] = True
+    return mask
+
+
+def as_images(x: np.ndarray) -> np.ndarray:
+    """(N,H,W) -> (N,1,H,W); channels-last (N,H,W,C) with C in {1,3,4} -> (N,C,H,W)."""
+    if x.ndim == 3:
+        return x[:, None]
+    if x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+        return x.transpose(0, 3, 1, 2)
+    return x
+
+
+def as_images_shape(shape: Sequence[int]) -> Tuple[int, ...]:
+    """The shape `as_images` gives an array of `shape`, without the array: as_images runs on a
+    broadcast view of one zero (all strides 0, no memory), so the rule lives in one place."""
+    return tuple(as_images(np.broadcast_to(np.zeros((), np.float32), tuple(shape))).shape)
+
+
+def check_classes(classes: Sequence[int], num_classes: Optional[int]) -> None:
+    """dataset.classes must be unique and in 0..num_classes-1 (num_classes None: not known before
+    the labels are read, so only uniqueness and >= 0 can be checked)."""
+    bad = [c for c in classes if c < 0 or (num_classes is not None and c >= num_classes)]
+    if bad or len(set(classes)) != len(classes):
+        allowed = f"in 0..{num_classes - 1}" if num_classes is not None else ">= 0"
+        raise ConfigError(f"dataset.classes={list(classes)}: each class must be unique and {allowed}")
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What a dataset gives a model, known before any data is read: the input shape without the
+    batch dimension ((1, 8, 8) for digits, (D,) for vectors) and the number of classes after
+    dataset.classes. None where only the data can tell (an npz file's labels)."""
+    in_shape: Optional[Tuple[int, ...]]
+    num_classes: Optional[int]
+
+
+def dataset_signature(cfg, domain=None) -> Signature:
+    """The (in_shape, num_classes) that `load_dataset(cfg, domain)` would give, from the dataset's
+    declared signature (registry metadata) and the config alone: no data is read, nothing is
+    downloaded. dataset.classes sets num_classes to their number (and is checked as load_dataset
+    checks it); a domain shift gives the target view's shape (every current transform keeps the
+    shape). An unknown dataset name raises the registry's UnknownNameError, as load_dataset does."""
+    declared = DATASETS.meta(cfg.name).get("signature")
+    in_shape, num_classes = declared(cfg) if declared is not None else (None, None)
+    if cfg.get("classes"):
+        classes = [int(c) for c in cfg.classes]
+        check_classes(classes, num_classes)
+        num_classes = len(classes)
+    steps = domain_steps(domain)
+    if steps and in_shape is not None:
+        in_shape = target_shape(in_shape, steps)
+    return Signature(tuple(int(s) for s in in_shape) if in_shape is not None else None,
+                     int(num_classes) if num_classes is not None else None)
+
+
+def _select_classes(x, y, classes, split: str):
+    keep = np.isin(y, classes)
+    if not keep.any():
+        raise ConfigError(f"dataset.classes={list(classes)} selects no {split} samples (labels present: "
+                          f"{sorted(set(np.unique(y).tolist()))})")
+    remap = {c: i for i, c in enumerate(classes)}
+    return x[keep], np.array([remap[int(v)] for v in y[keep]], dtype=np.int64)
+
+
+def load_dataset(cfg, domain=None, cache_dir: Optional[str] = None) -> Data:
+    """Build the dataset named cfg.name -> Data (float32 inputs, int64 labels). `domain` (a
+    conf/domain config) adds the target views: its transforms are applied to the raw images
+    (after the class subset, before normalization), and both views are standardized with the
+    source training statistics. `cache_dir` (paths.cache_dir): where splits are kept."""
+    global _SPLIT_CACHE
+    build = DATASETS.get(cfg.name)
+    _SPLIT_CACHE = os.path.expanduser(cache_dir) if cache_dir else None
+    try:
+        x_tr, y_tr, x_va, y_va, num_classes = build(cfg)
+    finally:
+        _SPLIT_CACHE = None
+    y_tr, y_va = np.asarray(y_tr).astype(np.int64), np.asarray(y_va).astype(np.int64)
+    if cfg.classes:
+        classes = [int(c) for c in cfg.classes]
+        check_classes(classes, num_classes)
+        x_tr, y_tr = _select_classes(x_tr, y_tr, classes, "train")
+        x_va, y_va = _select_classes(x_va, y_va, classes, "val")
+        num_classes = len(classes)
+    x_tr = torch.as_tensor(np.ascontiguousarray(x_tr), dtype=torch.float32)
+    x_va = torch.as_tensor(np.ascontiguousarray(x_va), dtype=torch.float32)
+    steps = domain_steps(domain)
+    x_tr_t = x_va_t = None
+    if steps:  # the target views, from the raw images (kdexp.data.domain)
+        value_range = (float(x_tr.min()), float(x_tr.max()))
+        x_tr_t = apply_transforms(x_tr, steps, "train", value_range)
+        x_va_t = apply_transforms(x_va, steps, "val", value_range)
+    if cfg.normalize:
+        dims = [0] + list(range(2, x_tr.dim()))  # per channel for images, per feature for vectors
+        mean, std = x_tr.mean(dims, keepdim=True), x_tr.std(dims, keepdim=True).clamp_min(1e-6)
+        x_tr, x_va = (x_tr - mean) / std, (x_va - mean) / std
+        if steps:  # the source statistics: one preprocessing for both views
+            x_tr_t, x_va_t = (x_tr_t - mean) / std, (x_va_t - mean) / std
+    fraction = cfg.get("label_fraction", 1.0)
+    labeled = labeled_mask(y_tr, fraction, cfg.split_seed) if fraction < 1.0 else None
+    return Data(x_tr, torch.as_tensor(y_tr), x_va, torch.as_tensor(y_va), num_classes, cfg.name, labeled,
+                x_tr_t, x_va_t, describe(steps) if steps else None,
+                augment=Augment.from_config(cfg, tuple(x_tr.shape[1:])))

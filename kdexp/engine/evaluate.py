@@ -1,0 +1,50 @@
+"""Evaluation: accuracy and CE of a model on held-out tensors, and the per-epoch validation
+metrics of a method (students, the extra models a method evaluates, its own metrics).
+
+Domain shifts (conf/domain): val/acc is the TARGET view's accuracy; val/acc_source and
+val/acc_target are both logged, and the teacher's once (teacher/val/acc_source, ...)."""
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> Dict[str, float]:
+    """Accuracy and mean CE of `model` on (x, y), in eval mode; restores the previous mode."""
+    was_training = model.training
+    model.eval()
+    correct, loss = 0, 0.0
+    for i in range(0, len(x), batch_size):
+        logits = model(x[i:i + batch_size])
+        yb = y[i:i + batch_size]
+        correct += (logits.argmax(-1) == yb).sum().item()
+        loss += F.cross_entropy(logits, yb, reduction="sum").item()
+    model.train(was_training)
+    return {"acc": correct / len(x), "loss": loss / len(x)}
+
+
+def validation_metrics(method, data, accel, batch_size: int) -> Dict[str, float]:
+    """One epoch's validation metrics of `method`: val/acc and val/loss of its student (on the
+    target view with a domain shift, plus val/acc_source and val/acc_target), val/acc_<name> of
+    its `eval_models`, and its `extra_metrics`. `accel.evaluate` shards over DDP ranks."""
+    x_val = data.x_val if data.x_val_target is None else data.x_val_target
+    val = accel.evaluate(method.student, x_val, data.y_val, batch_size)
+    out: Dict[str, float] = {}
+    if x_val is not data.x_val:
+        out["val/acc_source"] = accel.evaluate(method.student, data.x_val, data.y_val, batch_size)["acc"]
+        out["val/acc_target"] = val["acc"]
+    for name, model in method.eval_models().items():
+        out[f"val/acc_{name}"] = accel.evaluate(model, x_val, data.y_val, batch_size)["acc"]
+    out.update(method.extra_metrics(data))
+    out.update({"val/acc": val["acc"], "val/loss": val["loss"]})
+    return out
+
+
+def teacher_metrics(teacher, data, batch_size: int) -> Dict[str, float]:
+    """The teacher's accuracy on the source and target validation views (empty without a shift)."""
+    if teacher is None or data.x_val_target is None:
+        return {}
+    src = evaluate(teacher.model, data.x_val, data.y_val, batch_size)["acc"]
+    tgt = evaluate(teacher.model, data.x_val_target, data.y_val, batch_size)["acc"]
+    return {"val/acc_source": src, "val/acc_target": tgt}

@@ -1,0 +1,76 @@
+"""The run lifecycle of a single run: plan -> record -> assemble -> pretrain -> fit -> report.
+
+`run` is the wrapper (DDP set-up and teardown, skipping a finished run directory, recording any
+failure, Ctrl-C included); `train` names the steps. Fused groups (kdexp.engine.fused) go through
+the same plan, assembly, recorder and fit loop with their own stepper."""
+import logging
+from typing import Optional
+
+import torch
+
+from kdexp.engine.assemble import assemble, pretrain
+from kdexp.engine.fit import fit
+from kdexp.engine.hardware import Accelerator, init_distributed, select_device, shutdown_distributed
+from kdexp.engine.plan import RunPlan, plan
+from kdexp.engine.record import Recorder, hparams_of
+from kdexp.engine.source import InMemorySource
+from kdexp.engine.steppers import MethodStepper
+from kdexp.engine.teacher_cache import view_registrar
+from kdexp.errors import ConfigError, KdexpError
+from kdexp.seeding import derive_seed, seed_all
+
+log = logging.getLogger("kdexp")
+
+
+def run(cfg, run_dir: str, overrides=()) -> float:
+    """One experiment in `run_dir`; returns the final val/acc. Usable without Hydra's main.
+    A finished run directory is skipped (force=true reruns it); an interrupted one is
+    continued from checkpoints/last.pt (resume=false starts over)."""
+    dist = init_distributed(cfg.hardware)  # hardware=ddp under torchrun; else one process
+    try:
+        run_dir = dist.broadcast_object(run_dir)  # rank 0's run directory (timestamps may differ per rank)
+        recorder = Recorder(run_dir, cfg, overrides, main=dist.is_main)
+        done = recorder.finished_value()
+        if done is not None:
+            return done
+        try:
+            run_plan = plan(cfg)  # every config mistake it can see fails here, before data or a teacher
+            state = recorder.resume_state()
+        except KdexpError as e:  # record it, so that a sweep's summary shows the failed job
+            recorder.fail_early(e)
+            raise
+        recorder.start(hparams_of(cfg), fresh=state is None)
+        with recorder.failure_recorded():
+            return train(run_plan, recorder, state, dist)
+    finally:
+        shutdown_distributed(dist)
+
+
+def train(p: RunPlan, recorder: Recorder, state: Optional[dict], dist) -> float:
+    cfg = p.cfg
+    seed_all(cfg.seed)
+    device = select_device(cfg.hardware, dist)
+    accel = Accelerator(device, cfg.hardware, dist)
+    recorder.record["hardware"] = {"device": str(device), "threads": torch.get_num_threads(), "processes": dist.world}
+    asm = assemble([p], accel)
+    if asm.data.augment is not None:  # what the student's draws are made of (kdexp.data.augment)
+        recorder.record["augment"] = {**asm.data.augment.describe(), "seed": derive_seed(cfg.seed, "student/batches")}
+    recorder.teacher(asm.teacher_info)
+    if state is not None and state.get("teacher_key") != asm.teacher_info["key"]:
+        raise ConfigError(f"cannot resume {recorder.run_dir}: its checkpoint was distilled from teacher "
+                          f"{state.get('teacher_key')}, this config gives {asm.teacher_info['key']}; rerun with "
+                          f"resume=false")
+    recorder.record["teacher_cache"] = asm.cache_info
+    method = asm.methods[0]
+    if state is None:
+        stages = pretrain(method, p, asm, device)
+        if stages:
+            recorder.record["stages"] = stages
+    torch.manual_seed(derive_seed(cfg.seed, "train"))  # dropout and other in-training randomness
+    source = InMemorySource(asm.data, batch_size=cfg.batch_size, seed=derive_seed(cfg.seed, "student/batches"),
+                            pool=p.batch_pool, dist=dist, register_view=view_registrar(asm.teacher))
+    fit(MethodStepper(method, asm.data, cfg.eval_batch_size), source, optim_cfg=cfg.optim, epochs=cfg.epochs,
+        on_epoch=recorder.epoch, state=state, progress=cfg.progress and dist.is_main, desc="student", accel=accel)
+    if hasattr(asm.teacher, "summary"):
+        recorder.record["teacher_cache"] = asm.teacher.summary()
+    return recorder.done()

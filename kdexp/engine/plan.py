@@ -1,0 +1,348 @@
+"""The run plan: everything a run will do, decided from the config alone.
+
+`plan(cfg) -> RunPlan` loads no data and trains nothing. It reads what the method requires (its
+`requires`, kdexp.methods.base.Requirements) and decides the training view, the batch pool, the
+teacher recipe(s), the teacher-output cache policy, and whether the run can be fused (and why
+not). Every mistake it can see fails here, in one line naming the key, the value and the valid
+choices: range checks, unknown architectures and model arguments, a method/domain mismatch, and,
+by building the method on skeletons of the models (the meta device: no memory, no compute),
+layer names, feature shapes and feature kinds a method cannot use.
+"""
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from kdexp import config_dir
+from kdexp.config import ModelConfig, TeacherConfig, validate, validate_teacher
+from kdexp.data import dataset_signature
+from kdexp.engine.teacher import EnsembleModel, FrozenTeacher
+from kdexp.errors import ConfigError
+from kdexp.methods import Requirements, get_method
+from kdexp.models import MODELS, check_model_args, feature_kind, skeleton
+
+log = logging.getLogger(__name__)
+
+FUSABLE_KEYS = ("method.temperature", "method.alpha", "method.beta", "method.w_ce", "seed")
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """Whether the frozen teacher's outputs are cached per sample (kdexp.engine.teacher_cache)."""
+    enabled: bool
+    reason: str = ""  # why not, when disabled
+    max_bytes: Optional[int] = None  # budget for cached features (teacher.cache_max_gb)
+
+    def describe(self) -> dict:
+        return {"enabled": True} if self.enabled else {"enabled": False, "reason": self.reason}
+
+
+@dataclass
+class RunPlan:
+    cfg: DictConfig
+    method_cls: type
+    requires: Requirements
+    train_view: str  # source | target | paired (source without a domain shift)
+    batch_pool: str  # all | labeled (a transfer set and a method whose terms all need labels)
+    teachers: List[DictConfig] = field(default_factory=list)  # recipes: none, one, or an ensemble's members
+    ensemble: bool = False
+    cache: CachePolicy = CachePolicy(False, "no teacher")
+    fuse_reason: Optional[str] = None  # None: N runs of this config that differ in FUSABLE_KEYS can fuse
+    in_shape: Optional[Tuple[int, ...]] = None  # None: unknown before the data is read (e.g. an npz)
+    num_classes: Optional[int] = None
+
+    @property
+    def name(self) -> str:
+        return self.cfg.method.name
+
+    @property
+    def has_shift(self) -> bool:
+        return bool(self.cfg.get("domain") is not None and self.cfg.domain.get("transforms"))
+
+
+def plan(cfg) -> RunPlan:
+    """The plan of one run of `cfg` (a composed config); raises ConfigError for what cannot run."""
+    validate(cfg)
+    method_cls = get_method(cfg.method.name)
+    requires = method_cls.requires
+    p = RunPlan(cfg, method_cls, requires, train_view=_train_view(cfg, requires), batch_pool=_batch_pool(cfg, requires))
+    if cfg.teacher.get("classes") and requires.teacher != "weights":
+        raise ConfigError(f"teacher.classes={list(cfg.teacher.classes)} pretrains the teacher on other classes; only "
+                          f"methods that start from its weights take that (finetune, progressive), method={p.name} "
+                          f"compares its outputs class by class")
+    p.teachers, p.ensemble = _teacher_recipes(cfg, requires)
+    p.cache = _cache_policy(cfg, requires)
+    signature = dataset_signature(cfg.dataset, cfg.get("domain"))
+    p.in_shape, p.num_classes = signature.in_shape, signature.num_classes
+    _check_models(p)
+    student = _dry_build(p) if p.in_shape is not None and p.num_classes is not None else None
+    p.fuse_reason = fuse_reason(cfg, requires, student)
+    return p
+
+
+# ----------------------------------------------------------------------------------- decisions
+def _train_view(cfg, requires: Requirements) -> str:
+    """source | target | paired: the view the method trains on (kdexp.engine.source.training_view)."""
+    domain = cfg.get("domain")
+    shifted = bool(domain is not None and domain.get("transforms"))
+    if requires.views == "paired":
+        if not shifted:
+            raise ConfigError(f"method={cfg.method.name} learns from parallel source/target views and needs a domain "
+                              f"shift: set domain=vflip (or rotate, lowres, blur, noise, invert, hflip, shift)")
+        return "paired"
+    if not shifted:
+        return "source"
+    return domain.get("train_view") or requires.views
+
+
+def _batch_pool(cfg, requires: Requirements) -> str:
+    """labeled: with a transfer set, a method whose every term needs a label trains on the labeled
+    samples alone (for as many steps as the others); all: every training sample."""
+    transfer_set = cfg.dataset.get("label_fraction", 1.0) < 1.0
+    return "labeled" if transfer_set and requires.labels == "required" else "all"
+
+
+def _cache_policy(cfg, requires: Requirements) -> CachePolicy:
+    if not requires.uses_teacher:
+        return CachePolicy(False, "no teacher")
+    if not cfg.teacher.get("cache", True):
+        return CachePolicy(False, "teacher.cache=false")
+    if not requires.cacheable:
+        return CachePolicy(False, f"method={cfg.method.name} needs the teacher online (its requirements: "
+                                  f"cacheable=False)")
+    gb = cfg.teacher.get("cache_max_gb", None)
+    return CachePolicy(True, max_bytes=None if gb is None else int(gb * 2 ** 30))
+
+
+def fuse_reason(cfg, requires: Requirements, student: Optional[nn.Module] = None) -> Optional[str]:
+    """Why runs of this config cannot be fused (from the config and the student's skeleton), or None."""
+    name = cfg.method.name
+    if not requires.fusable:
+        return f"method={name} (fused sweeps train methods whose requirements say fusable: ce and kd)"
+    domain = cfg.get("domain")
+    if domain is not None and domain.get("transforms"):
+        return "a domain shift (dataset views) is set"
+    if cfg.dataset.get("augment", "none") != "none":
+        return f"dataset.augment={cfg.dataset.augment} (fused students share unaugmented batches)"
+    hw = cfg.hardware
+    if hw.get("distributed", False):
+        return "hardware=ddp"
+    if hw.get("amp", "none") != "none" or hw.get("compile", False) or hw.get("channels_last", False):
+        return "hardware.amp/compile/channels_last (fused students train in float32, uncompiled)"
+    if requires.uses_teacher and not cfg.teacher.get("cache", True):
+        return "teacher.cache=false (fused students share the cached teacher outputs)"
+    if cfg.get("teachers"):
+        return "a teachers=[...] ensemble"
+    m = cfg.method
+    w_ce = (1.0 - m.alpha) if m.get("w_ce") is None else m.w_ce
+    if not w_ce and (not requires.uses_teacher or not m.alpha):
+        return "nothing to train (w_ce and alpha are 0): the separate run reports it"
+    return student_reason(student) if student is not None else None
+
+
+def student_reason(student: nn.Module) -> Optional[str]:
+    """Why this student architecture cannot be fused, or None."""
+    for name, mod in student.named_modules():
+        if isinstance(mod, nn.modules.batchnorm._NormBase):
+            return f"the student has {type(mod).__name__} ({name}): batch statistics are not fused"
+        if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0:
+            return f"the student has active dropout ({name}, p={mod.p}): separate runs' masks cannot be reproduced"
+    return None
+
+
+# ----------------------------------------------------------------------------------- teachers
+def _teacher_recipes(cfg, requires: Requirements) -> Tuple[List[DictConfig], bool]:
+    """(the teacher recipes, ensemble?): none; the student's own architecture (teacher "self");
+    the members of `teachers=[...]`; or `teacher`."""
+    members = list(cfg.get("teachers") or [])
+    if requires.teacher == "none":
+        return [], False
+    if requires.teacher == "self":
+        if members:
+            raise ConfigError(f"method={cfg.method.name} distils from a teacher with the student's own architecture; "
+                              f"it takes no teachers=[...] ensemble")
+        return [student_teacher_config(cfg)], False
+    if members:
+        return resolve_teachers(members), True
+    return [cfg.teacher], False
+
+
+def student_teacher_config(cfg) -> DictConfig:
+    """The teacher of a method whose requirements say teacher "self" (Tf-KD self: "train the student
+    in the normal way, then use it as the teacher"): the student's arch and args trained with the
+    student's recipe (optim, epochs, batch_size), with the teacher's own seed (fixed while student
+    seeds vary), teacher.stop_at_acc and teacher.checkpoint."""
+    t = OmegaConf.to_container(cfg.teacher, resolve=True)
+    t.update(arch=cfg.student.arch, args=OmegaConf.to_container(cfg.student.args, resolve=True),
+             optim=OmegaConf.to_container(cfg.optim, resolve=True), epochs=cfg.epochs, batch_size=cfg.batch_size)
+    return OmegaConf.merge(OmegaConf.structured(TeacherConfig), t)
+
+
+def _load_option(group: str, name: str, where: str):
+    """conf/<group>/<name>.yaml (teacher or student) on its schema (its defaults list dropped)."""
+    folder = os.path.join(config_dir(), group)
+    path = os.path.join(folder, f"{name}.yaml")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{where}: unknown {group} option {name!r}; options: {', '.join(options(group))}")
+    node = OmegaConf.load(path)
+    node.pop("defaults", None)
+    return OmegaConf.merge(OmegaConf.structured(TeacherConfig if group == "teacher" else ModelConfig), node)
+
+
+def options(group: str) -> List[str]:
+    folder = os.path.join(config_dir(), group)
+    return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
+
+
+def resolve_teachers(items) -> List[DictConfig]:
+    """`teachers=[...]` -> one validated teacher config per member. A member is a teacher option
+    name (its conf/teacher/<name>.yaml, own recipe included), a mapping {base: NAME, ...}
+    that overrides keys of that option (e.g. {base: cnn, seed: 1}), or a full teacher config."""
+    out = []
+    for i, item in enumerate(items):
+        where = f"teachers[{i}]"
+        if isinstance(item, str):
+            base, extra = item, {}
+        elif isinstance(item, (dict, DictConfig)):
+            extra = OmegaConf.to_container(item, resolve=True) if isinstance(item, DictConfig) else dict(item)
+            base = extra.pop("base", None)
+        else:
+            raise ConfigError(f"{where}={item!r}: give a teacher option name or a mapping such as "
+                              f"{{base: cnn, seed: 1}}")
+        node = OmegaConf.structured(TeacherConfig)
+        try:
+            if base is not None:
+                node = OmegaConf.merge(node, _load_option("teacher", str(base), where))
+            node = OmegaConf.merge(node, extra)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{where}: {str(e).splitlines()[0]}") from None
+        if OmegaConf.is_missing(node, "arch"):
+            raise ConfigError(f"{where}: no arch; give a teacher option name or base: NAME")
+        validate_teacher(node, where)
+        out.append(node)
+    return out
+
+
+# ----------------------------------------------------------------------------------- skeletons
+def _teacher_keys(p: RunPlan) -> List[str]:
+    if p.requires.teacher == "self":
+        return ["student"]
+    return [f"teachers[{i}]" for i in range(len(p.teachers))] if p.ensemble else ["teacher"]
+
+
+def _check_models(p: RunPlan) -> None:
+    """Unknown architectures and builder arguments, before anything is built or trained."""
+    models = [("student", p.cfg.student)] + list(zip(_teacher_keys(p), p.teachers))
+    for key, node in models:
+        if node.arch not in MODELS:
+            MODELS.get(node.arch, key=f"{key}.arch")  # raises, naming the key and the registered models
+        check_model_args(node.arch, OmegaConf.to_container(node.args, resolve=True), key=f"{key}.args")
+
+
+def _teacher_classes(p: RunPlan, tcfg) -> int:
+    return len(tcfg.classes) if tcfg.get("classes") else p.num_classes
+
+
+def _skeleton(node, in_shape, num_classes) -> nn.Module:
+    return skeleton(node.arch, in_shape, num_classes, **OmegaConf.to_container(node.args, resolve=True))
+
+
+def _dry_build(p: RunPlan) -> nn.Module:
+    """Build the method on skeletons of the student and teacher: its constructor's checks (layer
+    names, feature shapes, its own config) run as they will at assembly; then the feature kinds
+    are checked against the method's requirements. -> the student skeleton."""
+    student = _skeleton(p.cfg.student, p.in_shape, p.num_classes)
+    teacher = _teacher_skeleton(p)
+    method = _construct(p, p.cfg.method, student, teacher)
+    if method is not None:
+        _check_feature_kinds(p, method)
+    return student
+
+
+def _teacher_skeleton(p: RunPlan):
+    if not p.teachers:
+        return None
+    with torch.device("meta"):
+        models = [_skeleton(t, p.in_shape, _teacher_classes(p, t)) for t in p.teachers]
+        model = EnsembleModel(models) if p.ensemble else models[0]
+    return FrozenTeacher(model, p.in_shape)
+
+
+def _construct(p: RunPlan, method_cfg, student, teacher):
+    """The method built on meta-device skeletons, its INFO lines muted (assembly logs them); None
+    when a constructor needs real tensors (then assembly is where its checks run)."""
+    logger = logging.getLogger("kdexp.methods")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with torch.device("meta"):
+            return p.method_cls(method_cfg, student, teacher)
+    except ConfigError:
+        raise
+    except Exception as e:  # not a config mistake: e.g. an op without a meta kernel
+        log.debug("plan: method=%s cannot be built on skeletons (%s: %s); its checks run at assembly",
+                  p.name, type(e).__name__, e)
+        return None
+    finally:
+        logger.setLevel(level)
+
+
+def _mismatch(want: str, features) -> List[Tuple[str, tuple]]:
+    """The tapped (layer, shape) pairs whose kind is not `want` (maps | vectors)."""
+    kind = {"maps": "map", "vectors": "vector"}[want]
+    return [(n, s) for n, s in features if feature_kind(s) != kind]
+
+
+def _check_feature_kinds(p: RunPlan, method) -> None:
+    want = p.requires.features
+    if want in ("none", "any"):
+        return
+    what = {"maps": "spatial feature maps (C,H,W with H*W > 1)", "vectors": "feature vectors"}[want]
+    tapped = method.tapped_features()
+    for side, node in (("student", p.cfg.student), ("teacher", p.teachers[0] if p.teachers else None)):
+        bad = _mismatch(want, tapped.get(side, []))
+        if not bad:
+            continue
+        layers = ", ".join(f"{n} {tuple(s)}" for n, s in bad)
+        fitting = _fitting_students(p) if side == "student" else _fitting_teachers(p)
+        hint = (f"{side} options that fit: {', '.join(fitting)} (e.g. {side}={fitting[0]})" if fitting
+                else f"no {side} option of conf/{side} fits")
+        got = "vectors (no spatial extent)" if want == "maps" else "spatial maps"
+        raise ConfigError(f"method={p.name} compares {what}, but {side}.arch={node.arch} gives {got} at the tapped "
+                          f"layers {layers}: its term would carry no signal; {hint}; or set method.{side}_layers")
+
+
+def _fits(p: RunPlan, student_node, teacher) -> bool:
+    """Whether the method's student features fit its requirements with this student option."""
+    try:
+        student = _skeleton(student_node, p.in_shape, p.num_classes)
+        method = _construct(p, p.cfg.method, student, teacher)
+    except ConfigError:
+        return False
+    return method is not None and not _mismatch(p.requires.features, method.tapped_features().get("student", []))
+
+
+def _fitting_students(p: RunPlan) -> List[str]:
+    teacher = _teacher_skeleton(p)
+    return [name for name in options("student") if _fits(p, _load_option("student", name, "student"), teacher)]
+
+
+def _fitting_teachers(p: RunPlan) -> List[str]:
+    out = []
+    for name in options("teacher"):
+        node = _load_option("teacher", name, "teacher")
+        with torch.device("meta"):
+            model = _skeleton(node, p.in_shape, p.num_classes)
+        try:
+            method = _construct(p, p.cfg.method, _skeleton(p.cfg.student, p.in_shape, p.num_classes),
+                                FrozenTeacher(model, p.in_shape))
+        except ConfigError:
+            continue
+        if method is not None and not _mismatch(p.requires.features, method.tapped_features().get("teacher", [])):
+            out.append(name)
+    return out

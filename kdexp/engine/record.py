@@ -1,0 +1,188 @@
+"""The recorder: the one owner of a run directory.
+
+    <run_dir>/metrics.json        status (running | done | failed + error), history, final, best,
+                                  timings, teacher, hardware, ... (rewritten after every epoch)
+    <run_dir>/tb/                 TensorBoard scalars + HParams (same run folder)
+    <run_dir>/checkpoints/last.pt the fit state after the last finished epoch (resume)
+    <run_dir>/run_info.json       what reproduces it (command, git commit, package versions)
+    <run_dir>/config.yaml         the resolved config
+
+Single runs and each run of a fused group get one `Recorder`; with DDP only rank 0 writes (the
+other ranks' recorders keep the record in memory and write nothing)."""
+import contextlib
+import logging
+import os
+import shutil
+import time
+from typing import Dict, Optional
+
+from omegaconf import OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+from kdexp.data.domain import describe as describe_domain, parse_transforms
+from kdexp.engine.resume import finished_value, load_checkpoint
+from kdexp.engine.runinfo import write_run_info
+from kdexp.errors import KdexpError
+from kdexp.io import atomic_json_dump, atomic_torch_save
+
+log = logging.getLogger("kdexp")
+
+
+def hparams_of(cfg) -> dict:
+    """The run's knobs for the TensorBoard HParams tab: the method's keys and the main choices."""
+    hp = {f"method.{k}": v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items()}
+    hp.update({"dataset.name": cfg.dataset.name, "teacher.arch": cfg.teacher.arch, "student.arch": cfg.student.arch,
+               "seed": cfg.seed, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+               "optim.name": cfg.optim.name, "optim.lr": cfg.optim.lr})
+    if cfg.get("domain") is not None and cfg.domain.get("transforms"):
+        hp["domain"] = describe_domain(parse_transforms(cfg.domain))
+    if cfg.dataset.get("augment", "none") != "none":
+        hp["dataset.augment"] = cfg.dataset.augment
+        hp["dataset.augment_views"] = cfg.dataset.augment_views
+    return hp
+
+
+def describe(e: BaseException) -> str:
+    """One clear line for errors a user can fix; writing errors name the path and reason."""
+    if isinstance(e, OSError) and not isinstance(e, KdexpError):
+        return f"cannot write the run outputs: {e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+    return str(e)
+
+
+def _hparam_value(v):
+    if isinstance(v, (bool, int, float, str)):
+        return v
+    return "null" if v is None else str(v)
+
+
+class Recorder:
+    def __init__(self, run_dir: str, cfg, overrides=(), main: bool = True):
+        self.run_dir, self.cfg, self.overrides, self.main = run_dir, cfg, list(overrides), main
+        self.checkpoint_path = os.path.join(run_dir, "checkpoints", "last.pt")
+        self.record: dict = {}
+        self.tb: Optional[SummaryWriter] = None
+        self.t0 = time.time()
+        self._resolved = None  # the resolved config for checkpoints, converted once (it costs ms)
+
+    # -- before the run -------------------------------------------------------------------------
+    def finished_value(self) -> Optional[float]:
+        """The final val/acc when the directory already holds this run, done (it is then skipped)."""
+        return finished_value(self.cfg, self.run_dir)
+
+    def resume_state(self) -> Optional[dict]:
+        """The fit state of an interrupted run to continue (its record is taken over), or None."""
+        state, record = load_checkpoint(self.cfg, self.run_dir)
+        self.record = record or {}
+        return state
+
+    def fail_early(self, e: BaseException) -> None:
+        """Record a run that failed before it started (an invalid config), so a sweep's summary shows it."""
+        if self.main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            atomic_json_dump({"status": "failed", "error": f"{type(e).__name__}: {describe(e)}",
+                              "overrides": self.overrides}, os.path.join(self.run_dir, "metrics.json"))
+
+    def start(self, hparams: Dict, fresh: bool) -> None:
+        """Open the run directory: a fresh run drops old curves; run_info, TensorBoard, metrics.json."""
+        self.hparams = {k: _hparam_value(v) for k, v in hparams.items()}
+        self.record.update({"status": "running", "overrides": self.overrides, "hparams": self.hparams,
+                            "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+        self.record.setdefault("history", [])
+        if not self.main:
+            return
+        if fresh and os.path.isdir(os.path.join(self.run_dir, "tb")):
+            shutil.rmtree(os.path.join(self.run_dir, "tb"))  # starting over: old curves would mix with the new
+        write_run_info(self.run_dir, self.cfg)
+        self.tb = SummaryWriter(os.path.join(self.run_dir, "tb"))
+        self.write()
+
+    # -- during the run -------------------------------------------------------------------------
+    def write(self) -> None:
+        if self.main:
+            atomic_json_dump(self.record, os.path.join(self.run_dir, "metrics.json"))
+
+    def scalars(self, metrics: Dict[str, float], step: int) -> None:
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def teacher(self, info: dict) -> None:
+        """The teacher's record {source, key, val/acc, ...} and its accuracies at step 0."""
+        self.record["teacher"] = info
+        self.scalars({f"teacher/{k}": v for k, v in info.items() if k.startswith("val/") and v is not None}, 0)
+
+    def epoch(self, epoch: int, metrics: Dict[str, float], state: Optional[dict] = None, note: str = "",
+              extra: Optional[dict] = None) -> None:
+        """One finished epoch: TensorBoard, metrics.json, the log line, and checkpoints/last.pt every
+        checkpoint_every epochs and after the last (`state` from the fit loop)."""
+        cfg = self.cfg
+        self.scalars(metrics, epoch + 1)
+        self.record["history"].append({"epoch": epoch + 1, **metrics})
+        if metrics["val/acc"] > self.record.get("best", {}).get("val/acc", -1.0):
+            self.record["best"] = {"val/acc": metrics["val/acc"], "epoch": epoch + 1}
+        self.record["final"] = {k: v for k, v in metrics.items() if k.startswith(("val/", "train/"))}
+        self.record["val/acc"] = metrics["val/acc"]
+        self.write()
+        log.info("epoch %d/%d  train/loss %.4f  val/acc %.4f  val/loss %.4f%s  (%.2fs%s)", epoch + 1, cfg.epochs,
+                 metrics["train/loss"], metrics["val/acc"], metrics["val/loss"],
+                 "".join(f"  {k} {metrics[k]:.4f}" for k in ("val/acc_source", "val/acc_target") if k in metrics),
+                 metrics["time/epoch_s"], note, extra=extra)
+        if state is not None and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs):
+            self.checkpoint(state)
+
+    def checkpoint(self, state: dict) -> None:
+        if not self.main:
+            return
+        if self._resolved is None:
+            self._resolved = OmegaConf.to_container(self.cfg, resolve=True)
+        teacher_key = self.record.get("teacher", {}).get("key")
+        atomic_torch_save({**state, "teacher_key": teacher_key, "config": self._resolved}, self.checkpoint_path)
+
+    # -- the end ---------------------------------------------------------------------------------
+    def finish(self, status: str, error: Optional[str] = None) -> None:
+        self.record["status"] = status
+        if error:
+            self.record["error"] = error
+        hist = self.record["history"]
+        self.record["timings"] = {
+            "total_s": time.time() - self.t0,
+            "time/epoch_s": sum(h["time/epoch_s"] for h in hist) / len(hist) if hist else None,
+            "time/samples_per_s": sum(h["time/samples_per_s"] for h in hist) / len(hist) if hist else None,
+        }
+        self.write()
+        if self.tb is None:
+            return
+        if status == "done":
+            # HParams tab: written into this run's own event file (SummaryWriter.add_hparams
+            # would make a sibling run), with the final metrics as the run's metrics.
+            final = {**self.record.get("final", {}), "best/val/acc": self.record["best"]["val/acc"]}
+            if self.record.get("teacher", {}).get("val/acc") is not None:
+                final["teacher/val/acc"] = self.record["teacher"]["val/acc"]
+            for s in hparams_summary(self.hparams, {k: 0.0 for k in final}):
+                self.tb.file_writer.add_summary(s)
+            self.scalars(final, len(hist))
+        self.tb.close()
+        self.tb = None
+
+    def done(self, extra: Optional[dict] = None) -> float:
+        """Mark the run done (the teacher's accuracies join the final metrics); -> final val/acc."""
+        teacher = self.record.get("teacher", {})
+        if teacher.get("val/acc") is not None:
+            self.record["final"].update({f"teacher/{k}": v for k, v in teacher.items() if k.startswith("val/")})
+        self.finish("done")
+        final = float(self.record["final"]["val/acc"])
+        log.info("done: val/acc %.4f (best %.4f at epoch %d), teacher %s -> %s", final, self.record["best"]["val/acc"],
+                 self.record["best"]["epoch"], teacher.get("source", "none"), self.run_dir, extra=extra)
+        return final
+
+    @contextlib.contextmanager
+    def failure_recorded(self):
+        """Any exception (Ctrl-C included) leaves metrics.json saying failed, with the error."""
+        try:
+            yield self
+        except BaseException as e:
+            if self.record.get("status") == "running":
+                self.finish("failed", error=f"{type(e).__name__}: {describe(e)}")
+            raise

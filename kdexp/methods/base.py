@@ -1,0 +1,209 @@
+"""What every method is built on: the `Method` base class, the `Batch` it trains on, its config
+schema `MethodConfig`, the `Requirements` it declares, the `Stage`s it may train before the main
+loop, and the method registry. Method files import from here (not from the package
+`kdexp.methods`, whose __init__ imports every method file).
+
+A method is an nn.Module that owns the student (and any trainable parts of its own: regressors,
+discriminators), so `method.parameters()` is exactly what the optimizer trains. The frozen
+teacher is held outside the module tree. `losses(batch)` returns the weighted loss terms by
+name; the engine sums them and logs each as train/loss_<name>.
+"""
+import abc
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from omegaconf import MISSING
+
+from kdexp.losses import ce_loss
+from kdexp.registry import Registry
+
+METHODS = Registry("method")
+list_methods = METHODS.names
+
+UNLABELED = -1  # the label of a transfer-set sample without one (Batch.y)
+
+
+@dataclass
+class OptimConfig:
+    """An optimizer and LR schedule (kdexp.engine.optim): the student's (`optim`), a teacher's
+    recipe (`teacher.optim`) and a method's first stage (`method.init_optim`)."""
+    name: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "none"  # none | cosine | step | dann (per step: lr / (1 + 10 p)^0.75, Ganin & Lempitsky)
+    milestones: List[int] = field(default_factory=list)  # step: epochs where lr *= gamma
+    gamma: float = 0.1
+
+
+@dataclass
+class MethodConfig:
+    """Keys every method has, so one `-m` sweep can span methods. A method that does not
+    use one ignores it (`ce` ignores temperature and alpha)."""
+    name: str = MISSING
+    temperature: float = 4.0  # softening temperature T of every soft-target term
+    alpha: float = 0.9  # weight of the KD term
+    beta: float = 0.0  # weight of the method's own term
+    w_ce: Optional[float] = None  # weight of CE on labels; null -> 1 - alpha
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What a method needs from the run, declared once per method class (`requires`). The run
+    plan (kdexp.engine.plan) reads it to decide the teacher, the batches, the views, the cache
+    and fusing, and to reject configs the method cannot honour before anything is trained."""
+    # none: no teacher is built or trained | outputs: the teacher's logits/features per class |
+    # weights: it starts from the teacher's weights only (the teacher may be pretrained on other
+    # classes, teacher.classes) | self: a teacher of the student's own architecture and recipe
+    teacher: str = "outputs"
+    # required: every term needs a label, so with a transfer set (dataset.label_fraction < 1) the
+    # batches come from the labeled samples only | optional: unlabeled samples feed its other terms
+    labels: str = "optional"
+    # With a domain shift (conf/domain): source | target: the single view it trains on by default
+    # (domain.train_view overrides) | paired: batch.x is the source view and batch.x_target the
+    # target view of the same samples (the method needs a domain shift)
+    views: str = "source"
+    # Feature kinds its term reads at the tapped layers (student and teacher): none (logits only) |
+    # maps: spatial (C,H,W) maps with H*W > 1 | vectors | any
+    features: str = "none"
+    # False: the teacher must run online every step (e.g. its gradient w.r.t. the input is needed)
+    cacheable: bool = True
+    # True: N runs differing only in temperature/alpha/beta/w_ce/seed can train fused (engine.fused)
+    fusable: bool = False
+
+    TEACHER = ("none", "outputs", "weights", "self")
+    LABELS = ("required", "optional")
+    VIEWS = ("source", "target", "paired")
+    FEATURES = ("none", "maps", "vectors", "any")
+
+    def __post_init__(self):
+        for key, allowed in (("teacher", self.TEACHER), ("labels", self.LABELS), ("views", self.VIEWS),
+                             ("features", self.FEATURES)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"Requirements.{key}={getattr(self, key)!r}: one of {', '.join(allowed)}")
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.teacher != "none"
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # inputs (B, ...)
+    y: torch.Tensor  # labels (B,)
+    idx: torch.Tensor  # positions of the samples in the training set (B,), for caches and memory banks
+    # dataset.label_fraction < 1: True where the sample keeps its label; the others carry
+    # y == UNLABELED and only feed label-free (teacher/peer-driven) terms. None: all labeled.
+    labeled: Optional[torch.Tensor] = None
+    # Domain shift (conf/domain): the target view of the same samples (x is then the source view),
+    # set by the sampler for methods whose requirements say views="paired"; None otherwise.
+    x_target: Optional[torch.Tensor] = None
+    # The teacher-output cache's key: the name of the deterministic view x was gathered from at
+    # positions idx. Only the sampler sets it (`Batch.sampled`); it is not an __init__ argument, so
+    # a Batch a method derives (dataclasses.replace(batch, x=...)) or builds has view None and its
+    # teacher outputs are computed live, never served from the cache of other inputs.
+    view: Optional[str] = field(default=None, init=False)
+
+    @classmethod
+    def sampled(cls, view: str, x, y, idx, labeled=None, x_target=None) -> "Batch":
+        """A batch gathered from view `view` at positions `idx` (the sampler's constructor)."""
+        batch = cls(x, y, idx, labeled, x_target)
+        batch.view = view
+        return batch
+
+
+@dataclass
+class Stage:
+    """A training stage a method runs before the main loop (a hint stage, an initialization, a
+    paraphraser's pre-training). The engine trains it with the one fit loop: `params` on
+    `loss(batch)` for `epochs` epochs, optimizer `optim` (an OptimConfig node), seeded batches of
+    `batch_size`. `trainable` modules are made trainable for the stage and frozen again after."""
+    name: str
+    params: Sequence[torch.Tensor]
+    loss: Callable[[Batch], torch.Tensor]
+    epochs: int
+    optim: object
+    batch_size: int
+    trainable: Sequence[nn.Module] = ()
+
+
+def register_method(name: str, config):
+    """Register a Method subclass under `name` with its config dataclass (a MethodConfig); its
+    `requires` (Requirements) is kept as registry metadata beside it."""
+    def decorator(cls):
+        if not isinstance(getattr(cls, "requires", None), Requirements):
+            raise TypeError(f"method {name!r}: {cls.__name__}.requires must be a Requirements")
+        return METHODS.register(name, config=config, requires=cls.requires)(cls)
+
+    return decorator
+
+
+def get_method(name: str):
+    return METHODS.get(name)
+
+
+def requirements(name: str) -> Requirements:
+    return METHODS.meta(name)["requires"]
+
+
+class Method(nn.Module, abc.ABC):
+    requires: Requirements = Requirements()
+    # The training position, set by the stepper before each step (kdexp.engine.steppers): the
+    # 0-based epoch and the fraction of training done, in [0, 1) (warm-ups, schedules).
+    epoch: int = 0
+    progress: float = 0.0
+
+    def __init__(self, cfg, student: nn.Module, teacher: Optional["object"] = None):
+        super().__init__()
+        self.cfg = cfg
+        self.student = student
+        # The teacher is frozen and must stay out of parameters()/state_dict(): keep it
+        # off the module tree.
+        object.__setattr__(self, "teacher", teacher)
+        self.w_ce = (1.0 - cfg.alpha) if cfg.w_ce is None else cfg.w_ce
+
+    def param_groups(self, optim_cfg) -> List[dict]:
+        """Optimizer parameter groups. Override to give a method-owned part (a discriminator,
+        say) its own lr/weight_decay: return [{"params": [...]}, {"params": [...], "lr": ...}].
+        Every trainable parameter of the module must be in exactly one group."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def prepare(self, data, device) -> None:
+        """Runs once before any training of a fresh run (not on resume: the checkpoint holds its
+        result): allocate per-sample state, materialize lazy layers. Default: nothing."""
+
+    def stages(self) -> List[Stage]:
+        """Training stages before the main loop, run in order after `prepare` (fresh runs only).
+        Default: none."""
+        return []
+
+    def tapped_features(self) -> Dict[str, List[Tuple[str, Tuple[int, ...]]]]:
+        """The features the method reads: {"student": [(layer, shape)], "teacher": [...]} (module
+        names as in kdexp.models.taps, shapes without the batch). The run plan checks their kinds
+        against `requires.features`. Default: none."""
+        return {}
+
+    def eval_models(self) -> Dict[str, nn.Module]:
+        """Models evaluated every epoch besides the student, logged as val/acc_<name>
+        (e.g. the other peers of mutual learning). Default: none."""
+        return {}
+
+    def extra_metrics(self, data) -> Dict[str, float]:
+        """Metrics of the method's own, computed after each epoch's evaluation and logged with the
+        epoch's metrics (e.g. the accuracy of an auxiliary task's head). Default: none."""
+        return {}
+
+    @abc.abstractmethod
+    def losses(self, batch: Batch) -> Dict[str, torch.Tensor]:
+        """Weighted loss terms of one training batch, by name; their sum is minimized."""
+
+    def ce(self, student_logits: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The weighted CE-on-labels term, omitted when its weight is 0. Samples without a label
+        (y == UNLABELED, see dataset.label_fraction) are left out: the mean runs over the labeled
+        samples of the batch, and the term is 0 when the batch has none."""
+        if not self.w_ce:
+            return {}
+        return {"ce": ce_loss(student_logits, y, self.w_ce, UNLABELED)}
