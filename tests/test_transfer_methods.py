@@ -336,7 +336,7 @@ def test_teacher_key_includes_pretraining_classes_and_labeled_only(cfg_of, tmp_p
     from kdexp.engine.plan import plan
     from kdexp.engine.teacher import provide_teacher
 
-    cfg = cfg_of("method=finetune", "teacher.classes=[0,1,2]")
+    cfg = cfg_of("method=finetune", "teacher.classes=[0,1,2]", "method.reinit=[3]")  # a new head for 2 classes
     data = load_dataset(cfg.dataset)
     teacher, info = provide_teacher(plan(cfg), data)
     plain = provide_teacher(plan(cfg_of("method=finetune")), data)[1]

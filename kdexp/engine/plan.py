@@ -104,6 +104,10 @@ def _batch_pool(cfg, requires: Requirements) -> str:
     """labeled: with a transfer set, a method whose every term needs a label trains on the labeled
     samples alone (for as many steps as the others); all: every training sample."""
     transfer_set = cfg.dataset.get("label_fraction", 1.0) < 1.0
+    if requires.labels == "partial" and not transfer_set:
+        raise ConfigError(f"method={cfg.method.name} learns from unlabeled samples: set dataset.label_fraction < 1 "
+                          f"(now {cfg.dataset.get('label_fraction', 1.0)}; the other training samples become the "
+                          f"unlabeled set)")
     return "labeled" if transfer_set and requires.labels == "required" else "all"
 
 

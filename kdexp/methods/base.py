@@ -60,7 +60,8 @@ class Requirements:
     # classes, teacher.classes) | self: a teacher of the student's own architecture and recipe
     teacher: str = "outputs"
     # required: every term needs a label, so with a transfer set (dataset.label_fraction < 1) the
-    # batches come from the labeled samples only | optional: unlabeled samples feed its other terms
+    # batches come from the labeled samples only | optional: unlabeled samples feed its other terms |
+    # partial: it needs a transfer set (it learns from the unlabeled samples, e.g. pseudo-labels them)
     labels: str = "optional"
     # With a domain shift (conf/domain): source | target: the single view it trains on by default
     # (domain.train_view overrides) | paired: batch.x is the source view and batch.x_target the
@@ -75,7 +76,7 @@ class Requirements:
     fusable: bool = False
 
     TEACHER = ("none", "outputs", "weights", "self")
-    LABELS = ("required", "optional")
+    LABELS = ("required", "optional", "partial")
     VIEWS = ("source", "target", "paired")
     FEATURES = ("none", "maps", "vectors", "any")
 

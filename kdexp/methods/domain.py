@@ -211,7 +211,7 @@ class DANN(Method):
     (with optim.name=sgd, momentum 0.9). No teacher."""
     requires = Requirements(teacher="none", views="paired")
 
-    def __init__(self, cfg, student, teacher):
+    def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)
         if cfg.lambda_schedule not in ("paper", "constant"):
             raise ConfigError(f"method.lambda_schedule={cfg.lambda_schedule!r} is out of range: one of paper, constant")

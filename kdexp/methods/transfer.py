@@ -362,8 +362,9 @@ class DataDistill(Method):
     samples (one mean). The hidden labels are used only to log the pseudo-labels' accuracy
     (train/pseudo_label_acc), never for training. Pair with teacher.labeled_only=true so the
     teacher learns from the labeled part alone, as in the paper."""
+    requires = Requirements(labels="partial")
 
-    def __init__(self, cfg, student, teacher=None):
+    def __init__(self, cfg, student, teacher):
         super().__init__(cfg, student, teacher)
         if not 0.0 <= cfg.threshold <= 1.0:
             raise ConfigError(f"method.threshold={cfg.threshold} is out of range: must be in [0, 1]")
@@ -385,9 +386,6 @@ class DataDistill(Method):
     def prepare(self, data, device):
         from kdexp.data.domain import apply_transforms
 
-        if data.labeled is None:
-            raise ConfigError("method=data_distill pseudo-labels unlabeled data: set dataset.label_fraction < 1 "
-                              "(the other training samples become the unlabeled set)")
         unl = (~data.labeled).nonzero().squeeze(1)
         x = data.x_train[unl]
         lo, hi = float(data.x_train.min()), float(data.x_train.max())
@@ -417,6 +415,12 @@ class DataDistill(Method):
         log.info("data_distill: %d of %d unlabeled samples pseudo-labeled (threshold %.2f, %d transforms); "
                  "their accuracy against the hidden labels: %.4f", kept, len(unl), self.cfg.threshold,
                  len(self.steps), acc)
+
+    def get_extra_state(self):  # the pseudo-labels' statistics, so that a resumed run still logs them
+        return dict(self.stats)
+
+    def set_extra_state(self, state) -> None:
+        self.stats = dict(state)
 
     def losses(self, batch):
         if len(self.pseudo) == 0:
