@@ -128,7 +128,7 @@ def kd_ce_loss_soft(student_logits: torch.Tensor, labels: torch.Tensor, teacher_
 
 
 # ---------------------------------------------------------------------------------------
-# Logit-level and teacher-free distillation (issue 4): logit regression, LSR, Tf-KD's
+# Logit-level and teacher-free distillation: logit regression, LSR, Tf-KD's
 # virtual teacher, DKD, DIST, mutual learning, teacher ensembles, the MEAL V2 discriminator.
 # Temperature softening and KL come from `soften` / `kl_div_log` / `kd_loss` above.
 # ---------------------------------------------------------------------------------------
@@ -295,7 +295,7 @@ def discriminator_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tens
 
 
 # =======================================================================================
-# Feature- and relation-based distillation (issue 5): FitNets, AT, NST, AB, FT, FSP, SP,
+# Feature- and relation-based distillation: FitNets, AT, NST, AB, FT, FSP, SP,
 # PKT, RKD, CC, VID, CRD, DarkRank, Jacobian matching. Shapes: feature maps (B,C,H,W),
 # embeddings (B,D) (anything else is flattened per sample). Spatial matching and channel
 # connectors are the methods' job (kdexp.models.connectors); these functions are pure.
@@ -555,7 +555,7 @@ def jacobian_loss(student_grad: torch.Tensor, teacher_grad: torch.Tensor) -> tor
 
 
 # =======================================================================================
-# Transfer learning and domain adaptation (issue 6): teacher/student adaptation on parallel
+# Transfer learning and domain adaptation: teacher/student adaptation on parallel
 # data, cross-quality distillation, L2-SP, gradient reversal and DANN's domain loss.
 # =======================================================================================
 

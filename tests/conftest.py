@@ -23,15 +23,20 @@ def group_options(group: str):
     return sorted(f[:-5] for f in os.listdir(os.path.join(config_dir(), group)) if f.endswith(".yaml"))
 
 
-@pytest.fixture
-def compose_cfg(tmp_path):
-    """compose_cfg(*overrides) -> the composed DictConfig, cache and data under tmp_path."""
+def composer(root):
+    """compose(*overrides) -> the composed DictConfig, with the teacher cache and data under `root`."""
     def _compose(*overrides):
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            return compose("config", overrides=[f"paths.cache_dir={tmp_path / 'cache'}",
-                                                f"paths.data_dir={tmp_path / 'data'}", *overrides])
-    yield _compose
+            return compose("config", overrides=[f"paths.cache_dir={root / 'cache'}",
+                                                f"paths.data_dir={root / 'data'}", *overrides])
+    return _compose
+
+
+@pytest.fixture
+def compose_cfg(tmp_path):
+    """compose_cfg(*overrides) -> the composed DictConfig, cache and data under tmp_path."""
+    yield composer(tmp_path)
     GlobalHydra.instance().clear()
 
 

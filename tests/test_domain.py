@@ -1,5 +1,5 @@
 """Domain shifts (kdexp.data.domain): exact pixel behaviour of each transform, parallel source/target
-views in load_dataset and the fit loop's batches, config checks; the issue-6 losses (T/S, soft CE,
+views in load_dataset and the fit loop's batches, config checks; the transfer losses (T/S, soft CE,
 L2-SP, gradient reversal, DANN's domain loss) against independent formulas."""
 import math
 

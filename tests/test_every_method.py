@@ -8,10 +8,8 @@ import json
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from kdexp import config_dir
 from kdexp.engine.assemble import assemble, pretrain
 from kdexp.engine.fit import fit
 from kdexp.engine.hardware import Accelerator
@@ -23,6 +21,7 @@ from kdexp.engine.teacher_cache import view_registrar
 from kdexp.errors import ConfigError
 from kdexp.methods import list_methods, requirements
 from kdexp.train import run
+from tests.conftest import composer
 
 # Tiny random images (3 batches of 32) and a teacher with BatchNorm (resnet20), trained one epoch.
 BASE = ["dataset=fake", "dataset.shape=[1,8,8]", "dataset.num_classes=10", "dataset.train_size=96",
@@ -33,14 +32,8 @@ STUDENTS = [[], ["student=cnn"], ["student=resnet20"]]  # tried in order: the fi
 
 @pytest.fixture(scope="module")
 def compose_cfg(tmp_path_factory):
-    root = tmp_path_factory.mktemp("every_method")
-
-    def _compose(*overrides):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            return compose("config", overrides=[f"paths.cache_dir={root / 'cache'}", f"paths.data_dir={root / 'data'}",
-                                                *overrides])
-    yield _compose
+    """One teacher cache for the module: the resnet20 teacher trains once."""
+    yield composer(tmp_path_factory.mktemp("every_method"))
     GlobalHydra.instance().clear()
 
 

@@ -1,4 +1,4 @@
-"""Issue-4 losses against independent float64 references written another way (numpy loops,
+"""Logit-level losses against independent float64 references written another way (numpy loops,
 explicit probabilities), extreme logits, and where the gradients go."""
 import math
 import warnings

@@ -1,4 +1,4 @@
-"""Issue-4 methods: gradients go only where they should, teacher-from-student, ensembles,
+"""Logit-level and teacher-free methods: gradients go only where they should, teacher-from-student, ensembles,
 weak teachers, transfer sets, experiment presets, and one epoch of each method on digits."""
 import json
 import os
@@ -21,9 +21,9 @@ from kdexp.losses import discriminator_loss, soften
 from kdexp.methods import UNLABELED, Batch, get_method, list_methods
 from kdexp.models import get_model
 from kdexp.train import run
-from tests.conftest import group_options
+from tests.conftest import composer, group_options
 
-ISSUE4 = ["logit_mse", "lsr", "tfkd_self", "tfkd_reg", "dkd", "dist", "dml", "meal_v2"]
+LOGIT_LEVEL = ["logit_mse", "lsr", "tfkd_self", "tfkd_reg", "dkd", "dist", "dml", "meal_v2"]
 TEACHER_BASED = ["logit_mse", "tfkd_self", "dkd", "dist", "meal_v2"]
 # a small, quick teacher: these tests check wiring, not accuracy
 FAST = ["epochs=1", "teacher.epochs=2", "teacher.args.channels=[8,8,8]", "progress=false"]
@@ -32,14 +32,8 @@ FAST = ["epochs=1", "teacher.epochs=2", "teacher.args.channels=[8,8,8]", "progre
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     """compose(*overrides) with one teacher cache for the whole module (each teacher trains once)."""
-    root = tmp_path_factory.mktemp("issue4")
-
-    def _compose(*overrides):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            return compose("config", overrides=[f"paths.cache_dir={root / 'cache'}",
-                                                f"paths.data_dir={root / 'data'}", *overrides])
-    yield _compose, root
+    root = tmp_path_factory.mktemp("logit_methods")
+    yield composer(root), root
     GlobalHydra.instance().clear()
 
 
@@ -67,7 +61,7 @@ def batch_of(data, n=32, labeled=None):
 
 def test_registered_with_config_files_and_readme_rows():
     readme = open(os.path.join(os.path.dirname(config_dir()), "README.md")).read()
-    for name in ISSUE4:
+    for name in LOGIT_LEVEL:
         assert name in list_methods() and name in group_options("method")
         assert f"| `{name}` |" in readme, name
 
@@ -323,7 +317,7 @@ def test_experiment_values_win_and_cli_still_overrides(shared):
     assert len(compose_cfg("experiment=meal_v2_ensemble").teachers) == 3
 
 
-@pytest.mark.parametrize("name", ISSUE4)
+@pytest.mark.parametrize("name", LOGIT_LEVEL)
 def test_one_epoch_on_digits(shared, name):
     compose_cfg, root = shared
     run_dir = root / "runs" / name

@@ -1,4 +1,4 @@
-"""Issue 8: resume after SIGKILL, failure isolation in sweeps, clear errors, reproducibility,
+"""Robustness: resume after SIGKILL, failure isolation in sweeps, clear errors, reproducibility,
 optuna/grid presets, reports."""
 import errno
 import json

@@ -1,4 +1,4 @@
-"""Issue-6 methods: ts_adapt, ts_adapter, cqd, dann, finetune, progressive, multitask, data_distill.
+"""Transfer-learning and domain-adaptation methods: ts_adapt, ts_adapter, cqd, dann, finetune, progressive, multitask, data_distill.
 Unit checks through the fit loop (no labels used where none should be, frozen parts stay frozen)
 and one end-to-end epoch per method on digits through kdexp.train.run."""
 import copy
@@ -279,9 +279,14 @@ def test_data_distill_pseudo_labels_only_confident_unlabeled_samples():
     assert method.extra_metrics(data)["train/pseudo_label_acc"] > 0.9
     restored = get_method("data_distill")(method_cfg("data_distill"), small_cnn(2), teacher)
     restored.load_state_dict(method.state_dict())  # resume: the pseudo-labels come with the checkpoint
-    assert torch.equal(restored.pseudo, p)
-    with pytest.raises(ConfigError, match="label_fraction"):
-        method.prepare(digits69(), "cpu")
+    assert torch.equal(restored.pseudo, p) and restored.extra_metrics(data) == method.extra_metrics(data)
+
+
+def test_data_distill_without_a_transfer_set_fails_in_the_plan(cfg_of):
+    from kdexp.engine.plan import plan
+
+    with pytest.raises(ConfigError, match="dataset.label_fraction < 1"):
+        plan(cfg_of("method=data_distill"))
 
 
 # -- end to end through the runner -------------------------------------------------------------------

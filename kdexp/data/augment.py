@@ -11,8 +11,8 @@ continues with the same draws, and `metrics.json` records what was drawn (kind, 
     dataset.augment_views=K          K fixed draws cycled over the epochs (epoch e uses draw e % K):
                                      the teacher's outputs are cached per draw (view "train@aug<k>")
 
-The fit loop (kdexp.engine.fit) asks `Augment.view(x, draw)` for an `AugmentedView` per epoch and
-gathers its batches from it; validation data is never augmented."""
+The in-memory data source (kdexp.engine.source) asks `Augment.view(x, draw)` for an
+`AugmentedView` per epoch and gathers its batches from it; validation data is never augmented."""
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -29,7 +29,7 @@ class Augment:
     kind: str  # flip | crop | crop_flip
     pad: int  # crop: zero padding on every side; offsets are drawn in [0, 2 * pad]
     views: int  # 0: a fresh draw per epoch; K > 0: K fixed draws, epoch e uses draw e % K
-    seed: int = 0  # the run's seed (set by the fit loop); draws derive their seeds from it
+    seed: int = 0  # the batches' seed (set by the data source); draws derive their seeds from it
 
     @staticmethod
     def from_config(cfg, in_shape: Tuple[int, ...]) -> Optional["Augment"]:

@@ -1,1 +1,2 @@
-"""Training engine: fit loop, evaluation, teacher provider + cache, checkpoints, logging."""
+"""Training engine: the run plan, assembly, the one fit loop with its steppers and data sources,
+evaluation, the teacher provider + cache, the run recorder."""

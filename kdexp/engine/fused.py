@@ -135,6 +135,8 @@ def train_group(jobs: Sequence[Job]) -> List[float]:
     log.info("fused group of %d %s students (%s -> %s on %s): %s", len(jobs), cfg0.method.name, cfg0.teacher.arch,
              cfg0.student.arch, asm.data.name, "; ".join(labels))
     recorders = [_open(j, k, jobs, asm, device) for k, j in enumerate(jobs)]
+    for r, p in zip(recorders, plans):
+        r.record["plan"] = p.describe()
     stepper = FusedStepper(asm, plans, recorders, labels, [j.index for j in jobs])
     seeds = [p.cfg.seed for p in plans]
     sources = [InMemorySource(asm.data, batch_size=cfg0.batch_size, seed=derive_seed(s, "student/batches"))

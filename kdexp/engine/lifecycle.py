@@ -52,6 +52,7 @@ def train(p: RunPlan, recorder: Recorder, state: Optional[dict], dist) -> float:
     device = select_device(cfg.hardware, dist)
     accel = Accelerator(device, cfg.hardware, dist)
     recorder.record["hardware"] = {"device": str(device), "threads": torch.get_num_threads(), "processes": dist.world}
+    recorder.record["plan"] = p.describe()
     asm = assemble([p], accel)
     if asm.data.augment is not None:  # what the student's draws are made of (kdexp.data.augment)
         recorder.record["augment"] = {**asm.data.augment.describe(), "seed": derive_seed(cfg.seed, "student/batches")}

@@ -60,9 +60,12 @@ class RunPlan:
     def name(self) -> str:
         return self.cfg.method.name
 
-    @property
-    def has_shift(self) -> bool:
-        return bool(self.cfg.get("domain") is not None and self.cfg.domain.get("transforms"))
+    def describe(self) -> dict:
+        """What the plan decided, for metrics.json (`plan`)."""
+        return {"train_view": self.train_view, "batch_pool": self.batch_pool,
+                "teachers": [t.arch for t in self.teachers], "ensemble": self.ensemble,
+                "teacher_cache": self.cache.describe(), "fusable": self.fuse_reason is None,
+                "fuse_reason": self.fuse_reason}
 
 
 def plan(cfg) -> RunPlan:

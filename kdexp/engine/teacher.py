@@ -89,7 +89,7 @@ def teacher_key(tcfg, dataset_cfg, data: Data) -> str:
     recipe = {k: t[k] for k in ("arch", "args", "epochs", "batch_size", "seed", "optim")}
     if t.get("stop_at_acc") is not None:  # only when set, so that existing cache keys stay valid
         recipe["stop_at_acc"] = t["stop_at_acc"]
-    if t.get("labeled_only"):  # only when set (issue 6): trained on the labeled part alone
+    if t.get("labeled_only"):  # only when set: trained on the labeled part alone
         recipe["labeled_only"] = True
     # label_fraction is left out: the teacher is trained on every label whatever the student keeps
     # (unless teacher.labeled_only). teacher.classes enters through dataset_cfg (see _provide_one).
@@ -194,7 +194,7 @@ def _provide_one(tcfg, cfg, data: Data) -> Tuple[torch.nn.Module, dict]:
     """One teacher model (eval mode, on the data's device) and its info."""
     device = data.x_train.device
     dataset_cfg = cfg.dataset
-    if tcfg.get("classes"):  # pretrained on another class subset (layer transfer), issue 6
+    if tcfg.get("classes"):  # pretrained on another class subset (layer transfer)
         dataset_cfg = OmegaConf.merge(cfg.dataset, {"classes": list(tcfg.classes)})
         data = load_dataset(dataset_cfg, cache_dir=cfg.paths.cache_dir).to(device)
     model = get_model(tcfg.arch, data.in_shape, data.num_classes, **tcfg.args)
