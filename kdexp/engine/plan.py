@@ -255,15 +255,22 @@ def _teacher_classes(p: RunPlan, tcfg) -> int:
     return len(tcfg.classes) if tcfg.get("classes") else p.num_classes
 
 
-def _skeleton(node, in_shape, num_classes) -> nn.Module:
-    return skeleton(node.arch, in_shape, num_classes, **OmegaConf.to_container(node.args, resolve=True))
+def _skeleton(node, in_shape, num_classes, key: str = "") -> nn.Module:
+    """The model of config `node` on the meta device; a builder that rejects its arguments' values
+    (e.g. a string for a width) is a ConfigError naming them."""
+    args = OmegaConf.to_container(node.args, resolve=True)
+    try:
+        return skeleton(node.arch, in_shape, num_classes, **args)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{key + '.args' if key else 'args'}={args}: model {node.arch!r} cannot be built for "
+                          f"input {tuple(in_shape)} and {num_classes} classes: {e}") from None
 
 
 def _dry_build(p: RunPlan) -> nn.Module:
     """Build the method on skeletons of the student and teacher: its constructor's checks (layer
     names, feature shapes, its own config) run as they will at assembly; then the feature kinds
     are checked against the method's requirements. -> the student skeleton."""
-    student = _skeleton(p.cfg.student, p.in_shape, p.num_classes)
+    student = _skeleton(p.cfg.student, p.in_shape, p.num_classes, "student")
     teacher = _teacher_skeleton(p)
     method = _construct(p, p.cfg.method, student, teacher)
     if method is not None:
@@ -275,7 +282,7 @@ def _teacher_skeleton(p: RunPlan):
     if not p.teachers:
         return None
     with torch.device("meta"):
-        models = [_skeleton(t, p.in_shape, _teacher_classes(p, t)) for t in p.teachers]
+        models = [_skeleton(t, p.in_shape, _teacher_classes(p, t), key) for key, t in zip(_teacher_keys(p), p.teachers)]
         model = EnsembleModel(models) if p.ensemble else models[0]
     return FrozenTeacher(model, p.in_shape)
 
