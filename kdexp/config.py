@@ -143,6 +143,9 @@ class Config:
     force: bool = False  # rerun a run directory whose metrics.json says done
     checkpoint_every: int = 1  # epochs between checkpoints/last.pt writes
     progress: bool = True  # progress bar (only shown when stdout is a terminal)
+    # Set by kdexp's sweeper: overrides of a sweep across methods that this job's method has no key for
+    # (e.g. method.warmup_epochs=5 for kd in -m method=dkd,kd method.warmup_epochs=5); recorded, not applied.
+    not_applied: List[str] = field(default_factory=list)
 
 
 def register_configs() -> None:

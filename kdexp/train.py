@@ -16,7 +16,7 @@ from kdexp import config_dir
 from kdexp.config import register_configs
 from kdexp.engine.lifecycle import run
 from kdexp.engine.record import describe
-from kdexp.errors import KdexpError
+from kdexp.errors import KdexpError, RunInterrupted
 
 __all__ = ["main", "run", "cli"]
 log = logging.getLogger("kdexp")
@@ -29,6 +29,9 @@ def main(cfg: DictConfig) -> float:
     multirun = hc.mode == RunMode.MULTIRUN
     try:
         return run(cfg, hc.runtime.output_dir, hc.overrides.task)
+    except RunInterrupted as e:  # Ctrl-C or SIGTERM: the run directory says interrupted; a sweep stops too
+        log.error("%s", e)
+        sys.exit(e.exit_code)
     except (KdexpError, OSError) as e:
         log.error("%s", describe(e))
         if multirun:

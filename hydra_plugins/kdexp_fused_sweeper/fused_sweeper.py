@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from hydra_plugins.kdexp_fused_sweeper.kdexp_sweeper import KdexpSweeper
 
 log = logging.getLogger("kdexp")
 
@@ -47,7 +48,7 @@ class _RunFilter(logging.Filter):
         return getattr(record, "fused_run", self.index) == self.index
 
 
-class FusedSweeper(BasicSweeper):
+class FusedSweeper(KdexpSweeper):
     def __init__(self, max_batch_size: Optional[int] = None, params: Optional[Dict[str, str]] = None,
                  max_group_size: int = 64, fuse: bool = True) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)

@@ -33,6 +33,7 @@ class Assembly:
     teacher_info: dict = field(default_factory=lambda: dict(NO_TEACHER))
     cache_info: dict = field(default_factory=dict)
     methods: List[torch.nn.Module] = field(default_factory=list)  # one per plan
+    warnings: List[str] = field(default_factory=list)  # about the data, as loaded (one line each)
 
 
 def assemble(plans: Sequence[RunPlan], accel) -> Assembly:
@@ -43,7 +44,7 @@ def assemble(plans: Sequence[RunPlan], accel) -> Assembly:
     log.info("dataset %s: %d train / %d val, input %s, %d classes%s", data.name, len(data.x_train), len(data.x_val),
              data.in_shape, data.num_classes, f", target domain {data.domain}" if data.domain else "")
     _check_signature(p0, data)
-    asm = Assembly(data)
+    asm = Assembly(data, warnings=list(data.warnings) + _pool_warnings(p0, data))
     if p0.requires.uses_teacher:
         asm.frozen, asm.teacher_info = _teacher(p0, data)
     asm.data = training_view(data, p0.train_view)
@@ -65,6 +66,18 @@ def _check_signature(p: RunPlan, data: Data) -> None:
     if p.num_classes is not None and p.num_classes != data.num_classes:
         raise ConfigError(f"dataset={data.name}: the data has {data.num_classes} classes, its declared "
                           f"signature {p.num_classes}")
+
+
+def _pool_warnings(p: RunPlan, data: Data) -> List[str]:
+    """A labeled pool smaller than a batch: every step sees the same few samples, in smaller batches."""
+    if p.batch_pool != "labeled" or data.labeled is None:
+        return []
+    n = int(data.labeled.sum())
+    if n >= p.cfg.batch_size:
+        return []
+    return [f"method={p.name} learns from labels only and dataset.label_fraction={p.cfg.dataset.label_fraction} "
+            f"keeps {n} labeled samples ({n / data.num_classes:.1f} per class), fewer than batch_size="
+            f"{p.cfg.batch_size}: its batches hold those {n} samples"]
 
 
 def _teacher(p: RunPlan, data: Data):

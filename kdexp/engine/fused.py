@@ -24,6 +24,7 @@ without active dropout, one process on CPU or one GPU in float32 (`kdexp.engine.
 Anything else, and a run to resume from a checkpoint, runs as a separate run, with a log line
 saying why.
 """
+import contextlib
 import copy
 import json
 import logging
@@ -38,7 +39,7 @@ from kdexp.engine.assemble import assemble
 from kdexp.engine.fit import fit
 from kdexp.engine.hardware import Accelerator, select_device
 from kdexp.engine.plan import FUSABLE_KEYS, plan
-from kdexp.engine.record import Recorder, describe, hparams_of
+from kdexp.engine.record import Recorder, hparams_of, interruptible, run_dir_lock
 from kdexp.engine.resume import finished_value, flatten
 from kdexp.engine.source import InMemorySource, StackedSource
 from kdexp.engine.steppers import DivergedError
@@ -103,7 +104,11 @@ def triage(jobs: Sequence[Job]) -> List[Outcome]:
     out = []
     for job in jobs:
         cfg = job.cfg
-        done = finished_value(cfg, job.run_dir)
+        try:
+            done = finished_value(cfg, job.run_dir)
+        except KdexpError as e:  # e.g. a finished directory of another config: the separate run says so
+            out.append(Outcome(job, separate=str(e), status="separate"))
+            continue
         if done is not None:
             out.append(Outcome(job, done, status="skipped"))
             continue
@@ -122,10 +127,24 @@ def train_group(jobs: Sequence[Job]) -> List[float]:
     writing anything when the group cannot be fused."""
     if len(jobs) < 2:
         raise NotFusable("a group of one")
-    plans = [plan(j.cfg) for j in jobs]
+    plans = [plan(j.cfg, j.overrides) for j in jobs]
     reason = next((p.fuse_reason for p in plans if p.fuse_reason), None)
     if reason:
         raise NotFusable(reason)
+    with contextlib.ExitStack() as stack:
+        for job in jobs:  # one process per run directory, as for separate runs
+            stack.enter_context(run_dir_lock(job.run_dir))
+        stack.enter_context(interruptible())
+        try:
+            return _train_locked(jobs, plans, stack)
+        except GroupDiverged:  # each run recorded its own error
+            return [float("nan")] * len(jobs)
+        except Exception:
+            log.exception("fused group failed")
+            return [float("nan")] * len(jobs)
+
+
+def _train_locked(jobs: Sequence[Job], plans, stack: contextlib.ExitStack) -> List[float]:
     cfg0 = plans[0].cfg
     seed_all(cfg0.seed)
     device = select_device(cfg0.hardware)
@@ -134,34 +153,26 @@ def train_group(jobs: Sequence[Job]) -> List[float]:
     labels = run_labels([j.cfg for j in jobs])
     log.info("fused group of %d %s students (%s -> %s on %s): %s", len(jobs), cfg0.method.name, cfg0.teacher.arch,
              cfg0.student.arch, asm.data.name, "; ".join(labels))
-    recorders = [_open(j, k, jobs, asm, device) for k, j in enumerate(jobs)]
-    for r, p in zip(recorders, plans):
-        r.record["plan"] = p.describe()
+    recorders = [_open(j, k, jobs, p, asm, device) for k, (j, p) in enumerate(zip(jobs, plans))]
+    for r in recorders:  # a failure, a divergence of all or an interruption is recorded in every active run
+        stack.enter_context(r.failure_recorded())
     stepper = FusedStepper(asm, plans, recorders, labels, [j.index for j in jobs])
     seeds = [p.cfg.seed for p in plans]
     sources = [InMemorySource(asm.data, batch_size=cfg0.batch_size, seed=derive_seed(s, "student/batches"))
                for s in (seeds[:1] if len(set(seeds)) == 1 else seeds)]
-    try:
-        fit(stepper, sources[0] if len(sources) == 1 else StackedSource(sources), optim_cfg=cfg0.optim,
-            epochs=cfg0.epochs, on_epoch=stepper.record_epoch, desc="fused", accel=accel)
-        return stepper.finish()
-    except BaseException as e:
-        for r, active in zip(recorders, stepper.active):
-            if active:
-                r.finish("failed", error=f"{type(e).__name__}: {describe(e)}")
-        if not isinstance(e, Exception):
-            raise
-        if not isinstance(e, GroupDiverged):
-            log.exception("fused group failed")
-        return [float("nan")] * len(jobs)
+    fit(stepper, sources[0] if len(sources) == 1 else StackedSource(sources), optim_cfg=cfg0.optim,
+        epochs=cfg0.epochs, on_epoch=stepper.record_epoch, desc="fused", accel=accel)
+    return stepper.finish()
 
 
-def _open(job: Job, k: int, jobs: Sequence[Job], asm, device) -> Recorder:
+def _open(job: Job, k: int, jobs: Sequence[Job], p, asm, device) -> Recorder:
     """Run k's recorder, started as a fresh run; the teacher was obtained once for the group: the
     other runs got it from the cache."""
     r = Recorder(job.run_dir, job.cfg, job.overrides)
     r.start(hparams_of(job.cfg), fresh=True)
     r.record["hardware"] = {"device": str(device), "threads": torch.get_num_threads(), "processes": 1}
+    r.record["plan"] = p.describe()
+    r.warn(p.warnings + asm.warnings)
     info = asm.teacher_info
     r.teacher(dict(info) if k == 0 or info["source"] != "trained" else {**info, "source": "cache"})
     r.record["fused"] = {"group_size": len(jobs), "runs": [os.path.basename(os.path.normpath(j.run_dir)) for j in jobs]}

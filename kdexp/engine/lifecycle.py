@@ -1,7 +1,7 @@
 """The run lifecycle of a single run: plan -> record -> assemble -> pretrain -> fit -> report.
 
-`run` is the wrapper (DDP set-up and teardown, skipping a finished run directory, recording any
-failure, Ctrl-C included); `train` names the steps. Fused groups (kdexp.engine.fused) go through
+`run` is the wrapper (DDP set-up and teardown, one process per run directory, skipping a finished
+run, recording any failure, SIGINT/SIGTERM as an interruption that resumes); `train` names the steps. Fused groups (kdexp.engine.fused) go through
 the same plan, assembly, recorder and fit loop with their own stepper."""
 import logging
 from typing import Optional
@@ -12,11 +12,11 @@ from kdexp.engine.assemble import assemble, pretrain
 from kdexp.engine.fit import fit
 from kdexp.engine.hardware import Accelerator, init_distributed, select_device, shutdown_distributed
 from kdexp.engine.plan import RunPlan, plan
-from kdexp.engine.record import Recorder, hparams_of
+from kdexp.engine.record import Recorder, hparams_of, interruptible, interruption, run_dir_lock
 from kdexp.engine.source import InMemorySource
 from kdexp.engine.steppers import MethodStepper
 from kdexp.engine.teacher_cache import view_registrar
-from kdexp.errors import ConfigError, KdexpError
+from kdexp.errors import ConfigError, KdexpError, RunInterrupted
 from kdexp.seeding import derive_seed, seed_all
 
 log = logging.getLogger("kdexp")
@@ -29,21 +29,30 @@ def run(cfg, run_dir: str, overrides=()) -> float:
     dist = init_distributed(cfg.hardware)  # hardware=ddp under torchrun; else one process
     try:
         run_dir = dist.broadcast_object(run_dir)  # rank 0's run directory (timestamps may differ per rank)
-        recorder = Recorder(run_dir, cfg, overrides, main=dist.is_main)
-        done = recorder.finished_value()
-        if done is not None:
-            return done
-        try:
-            run_plan = plan(cfg)  # every config mistake it can see fails here, before data or a teacher
-            state = recorder.resume_state()
-        except KdexpError as e:  # record it, so that a sweep's summary shows the failed job
-            recorder.fail_early(e)
+        with run_dir_lock(run_dir, dist.is_main), interruptible():
+            return _run(cfg, run_dir, overrides, dist)
+    except (KeyboardInterrupt, RunInterrupted) as e:  # training records its own; this names the run for the rest
+        if isinstance(e, RunInterrupted) and e.run_dir:
             raise
-        recorder.start(hparams_of(cfg), fresh=state is None)
-        with recorder.failure_recorded():
-            return train(run_plan, recorder, state, dist)
+        raise interruption(e, run_dir, overrides) from None
     finally:
         shutdown_distributed(dist)
+
+
+def _run(cfg, run_dir: str, overrides, dist) -> float:
+    recorder = Recorder(run_dir, cfg, overrides, main=dist.is_main)
+    done = recorder.finished_value()
+    if done is not None:
+        return done
+    try:
+        run_plan = plan(cfg, overrides)  # every config mistake it can see fails here, before data or a teacher
+        state = recorder.resume_state()
+    except KdexpError as e:  # record it, so that a sweep's summary shows the failed job
+        recorder.fail_early(e)
+        raise
+    recorder.start(hparams_of(cfg), fresh=state is None)
+    with recorder.failure_recorded():
+        return train(run_plan, recorder, state, dist)
 
 
 def train(p: RunPlan, recorder: Recorder, state: Optional[dict], dist) -> float:
@@ -53,7 +62,9 @@ def train(p: RunPlan, recorder: Recorder, state: Optional[dict], dist) -> float:
     accel = Accelerator(device, cfg.hardware, dist)
     recorder.record["hardware"] = {"device": str(device), "threads": torch.get_num_threads(), "processes": dist.world}
     recorder.record["plan"] = p.describe()
+    recorder.warn(p.warnings)
     asm = assemble([p], accel)
+    recorder.warn(asm.warnings)
     if asm.data.augment is not None:  # what the student's draws are made of (kdexp.data.augment)
         recorder.record["augment"] = {**asm.data.augment.describe(), "seed": derive_seed(cfg.seed, "student/batches")}
     recorder.teacher(asm.teacher_info)

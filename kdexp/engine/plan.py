@@ -10,7 +10,7 @@ layer names, feature shapes and feature kinds a method cannot use.
 """
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import List, Optional, Tuple
 
 import torch
@@ -23,7 +23,7 @@ from kdexp.config import ModelConfig, TeacherConfig, validate, validate_teacher
 from kdexp.data import dataset_signature
 from kdexp.engine.teacher import EnsembleModel, FrozenTeacher
 from kdexp.errors import ConfigError
-from kdexp.methods import Requirements, get_method
+from kdexp.methods import METHODS, Requirements, get_method
 from kdexp.models import MODELS, check_model_args, feature_kind, skeleton
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class RunPlan:
     fuse_reason: Optional[str] = None  # None: N runs of this config that differ in FUSABLE_KEYS can fuse
     in_shape: Optional[Tuple[int, ...]] = None  # None: unknown before the data is read (e.g. an npz)
     num_classes: Optional[int] = None
+    warnings: List[str] = field(default_factory=list)  # valid, but probably not meant: one line each
 
     @property
     def name(self) -> str:
@@ -68,10 +69,12 @@ class RunPlan:
                 "fuse_reason": self.fuse_reason}
 
 
-def plan(cfg) -> RunPlan:
-    """The plan of one run of `cfg` (a composed config); raises ConfigError for what cannot run."""
+def plan(cfg, overrides=()) -> RunPlan:
+    """The plan of one run of `cfg` (a composed config; `overrides`: the command-line overrides it
+    was composed with, for the warnings); raises ConfigError for what cannot run."""
     validate(cfg)
-    method_cls = get_method(cfg.method.name)
+    method_cls = get_method(cfg.method.name, key="method.name")
+    _check_method_node(cfg)
     requires = method_cls.requires
     p = RunPlan(cfg, method_cls, requires, train_view=_train_view(cfg, requires), batch_pool=_batch_pool(cfg, requires))
     if cfg.teacher.get("classes") and requires.teacher != "weights":
@@ -85,7 +88,34 @@ def plan(cfg) -> RunPlan:
     _check_models(p)
     student = _dry_build(p) if p.in_shape is not None and p.num_classes is not None else None
     p.fuse_reason = fuse_reason(cfg, requires, student)
+    p.warnings = _warnings(cfg, method_cls, overrides)
     return p
+
+
+def _warnings(cfg, method_cls, overrides) -> List[str]:
+    """Valid configs that are probably not meant: an override of a key the method ignores (a sweep
+    over it gives rows that differ only by name), an ensemble of one, the method's own."""
+    out = []
+    for key in method_cls.requires.ignores:
+        set_by = [o for o in overrides if o.lstrip("+").split("=", 1)[0] == f"method.{key}"]
+        if set_by:
+            out.append(f"method={cfg.method.name} ignores method.{key} ({set_by[0]} changes nothing in this run)")
+    for o in cfg.get("not_applied") or []:
+        out.append(f"{o} does not apply to method={cfg.method.name}, which has no such key (a sweep across methods "
+                   f"set it for the others)")
+    if len(cfg.get("teachers") or []) == 1:
+        out.append("teachers=[...] has one member: an ensemble of one is that teacher (use teacher=NAME)")
+    return out + method_cls.config_warnings(cfg)
+
+
+def _check_method_node(cfg) -> None:
+    """`method.name=dkd` on kd's config node names one method with another's keys: the group
+    (method=dkd) picks a method, its name key only records it."""
+    name = cfg.method.name
+    missing = sorted({f.name for f in fields(METHODS.meta(name)["config"])} - set(cfg.method.keys()))
+    if missing:
+        raise ConfigError(f"method.name={name} does not match the method's config (it lacks {', '.join(missing[:4])}); "
+                          f"choose the method with method={name} (the config group), not method.name")
 
 
 # ----------------------------------------------------------------------------------- decisions

@@ -12,9 +12,15 @@ other ranks' recorders keep the record in memory and write nothing)."""
 import contextlib
 import logging
 import os
+import shlex
 import shutil
+import signal
+import sys
+import threading
 import time
-from typing import Dict, Optional
+from typing import Dict, Iterator, List, Optional
+
+from filelock import FileLock, Timeout
 
 from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
@@ -23,7 +29,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 from kdexp.data.domain import describe as describe_domain, parse_transforms
 from kdexp.engine.resume import finished_value, load_checkpoint
 from kdexp.engine.runinfo import write_run_info
-from kdexp.errors import KdexpError
+from kdexp.errors import ConfigError, KdexpError, RunInterrupted
 from kdexp.io import atomic_json_dump, atomic_torch_save
 
 log = logging.getLogger("kdexp")
@@ -50,6 +56,57 @@ def describe(e: BaseException) -> str:
     return str(e)
 
 
+def resume_command(run_dir: str, overrides=()) -> str:
+    """The command line that continues the run in `run_dir` (its overrides, that directory)."""
+    keep = [o for o in overrides if not o.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
+    return shlex.join([os.path.basename(sys.executable), "-m", "kdexp.train", *keep, f"hydra.run.dir={run_dir}"])
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str, main: bool = True) -> Iterator[None]:
+    """One process per run directory: a second one fails at once instead of training into the
+    same files. The lock is the OS's (flock), so a killed process leaves none behind."""
+    if not main:  # DDP: rank 0 holds it for the run
+        yield
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    lock = FileLock(os.path.join(run_dir, ".kdexp.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConfigError(f"run directory {run_dir} is in use by another kdexp process; wait for it to finish or "
+                          f"choose another hydra.run.dir") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def interruption(e: BaseException, run_dir: str, overrides=()) -> RunInterrupted:
+    """Ctrl-C (KeyboardInterrupt) or SIGTERM (RunInterrupted) as the RunInterrupted of `run_dir`,
+    with the command that resumes it."""
+    signum = e.signum if isinstance(e, RunInterrupted) else signal.SIGINT
+    return RunInterrupted(signum, run_dir, resume_command(run_dir, overrides))
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGTERM (a cluster's pre-emption, `kill`) raises like Ctrl-C does, so that the run stops at
+    a recorded point (RunInterrupted) instead of dying mid-write. Main thread only (signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, _frame):
+        raise RunInterrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _hparam_value(v):
     if isinstance(v, (bool, int, float, str)):
         return v
@@ -64,6 +121,7 @@ class Recorder:
         self.tb: Optional[SummaryWriter] = None
         self.t0 = time.time()
         self._resolved = None  # the resolved config for checkpoints, converted once (it costs ms)
+        self._unsaved: Optional[dict] = None  # the last finished epoch's state, when not checkpointed yet
 
     # -- before the run -------------------------------------------------------------------------
     def finished_value(self) -> Optional[float]:
@@ -131,14 +189,24 @@ class Recorder:
                  metrics["time/epoch_s"], note, extra=extra)
         if state is not None and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs):
             self.checkpoint(state)
+        elif state is not None:  # kept, so that an interruption before the next checkpoint loses nothing
+            self._unsaved = state
 
     def checkpoint(self, state: dict) -> None:
+        self._unsaved = None
         if not self.main:
             return
         if self._resolved is None:
             self._resolved = OmegaConf.to_container(self.cfg, resolve=True)
         teacher_key = self.record.get("teacher", {}).get("key")
         atomic_torch_save({**state, "teacher_key": teacher_key, "config": self._resolved}, self.checkpoint_path)
+
+    def warn(self, lines: List[str]) -> None:
+        """Valid configs or data that are probably not meant: logged, and kept under `warnings`."""
+        for line in lines:
+            log.warning("%s", line)
+        self.record.setdefault("warnings", []).extend(lines)
+        self.write()
 
     # -- the end ---------------------------------------------------------------------------------
     def finish(self, status: str, error: Optional[str] = None) -> None:
@@ -179,9 +247,18 @@ class Recorder:
 
     @contextlib.contextmanager
     def failure_recorded(self):
-        """Any exception (Ctrl-C included) leaves metrics.json saying failed, with the error."""
+        """An error leaves metrics.json saying failed, with the error. SIGINT/SIGTERM leave it saying
+        interrupted, with the last finished epoch checkpointed, and raise RunInterrupted with the
+        command that resumes."""
         try:
             yield self
+        except (KeyboardInterrupt, RunInterrupted) as e:
+            stop = interruption(e, self.run_dir, self.overrides)
+            if self._unsaved is not None:
+                self.checkpoint(self._unsaved)
+            if self.record.get("status") == "running":
+                self.finish("interrupted", error=f"interrupted by {signal.Signals(stop.signum).name}")
+            raise stop from None
         except BaseException as e:
             if self.record.get("status") == "running":
                 self.finish("failed", error=f"{type(e).__name__}: {describe(e)}")

@@ -12,7 +12,8 @@ from kdexp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 # Keys that may change between the interrupted run and its continuation.
-MAY_CHANGE = ("epochs", "resume", "force", "progress", "checkpoint_every", "hardware", "paths", "eval_batch_size")
+MAY_CHANGE = ("epochs", "resume", "force", "progress", "checkpoint_every", "hardware", "paths", "eval_batch_size",
+              "not_applied")
 
 
 def read_metrics(run_dir: str) -> Optional[dict]:
@@ -28,10 +29,17 @@ def read_metrics(run_dir: str) -> Optional[dict]:
 
 def finished_value(cfg, run_dir: str) -> Optional[float]:
     """The final val/acc of a run directory that is already done for `cfg` (skipped, unless
-    force=true; a run asked for more epochs than it has is continued instead), else None."""
+    force=true; a run asked for more epochs than it has is continued instead), else None. A
+    finished directory made with another config is an error naming the keys that differ."""
     previous = read_metrics(run_dir)
     if (previous and previous.get("status") == "done" and not cfg.force
             and len(previous.get("history", [])) >= cfg.epochs):
+        saved = os.path.join(run_dir, "config.yaml")
+        changed = config_changes(OmegaConf.to_container(OmegaConf.load(saved)), cfg) if os.path.isfile(saved) else []
+        if changed:
+            raise ConfigError(f"{run_dir} holds a finished run of a different config ({', '.join(changed[:8])}"
+                              f"{' ...' if len(changed) > 8 else ''}); force=true reruns it there, or choose another "
+                              f"hydra.run.dir")
         value = float(previous["final"]["val/acc"])
         log.info("%s is already done (val/acc %.4f); skipping it (force=true reruns it)", run_dir, value)
         return value

@@ -9,7 +9,7 @@ teacher is held outside the module tree. `losses(batch)` returns the weighted lo
 name; the engine sums them and logs each as train/loss_<name>.
 """
 import abc
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -74,6 +74,9 @@ class Requirements:
     cacheable: bool = True
     # True: N runs differing only in temperature/alpha/beta/w_ce/seed can train fused (engine.fused)
     fusable: bool = False
+    # The common keys (MethodConfig: temperature, alpha, beta, w_ce) its loss never reads: a run that
+    # sets one of them gets a warning (a sweep over it gives rows that differ only by name)
+    ignores: Tuple[str, ...] = ()
 
     TEACHER = ("none", "outputs", "weights", "self")
     LABELS = ("required", "optional", "partial")
@@ -81,6 +84,9 @@ class Requirements:
     FEATURES = ("none", "maps", "vectors", "any")
 
     def __post_init__(self):
+        common = {f.name for f in fields(MethodConfig)} - {"name"}
+        if not set(self.ignores) <= common:
+            raise ValueError(f"Requirements.ignores={self.ignores}: only the common keys {sorted(common)}")
         for key, allowed in (("teacher", self.TEACHER), ("labels", self.LABELS), ("views", self.VIEWS),
                              ("features", self.FEATURES)):
             if getattr(self, key) not in allowed:
@@ -142,8 +148,8 @@ def register_method(name: str, config):
     return decorator
 
 
-def get_method(name: str):
-    return METHODS.get(name)
+def get_method(name: str, key: str = ""):
+    return METHODS.get(name, key=key)
 
 
 def requirements(name: str) -> Requirements:
@@ -175,6 +181,12 @@ class Method(nn.Module, abc.ABC):
     def prepare(self, data, device) -> None:
         """Runs once before any training of a fresh run (not on resume: the checkpoint holds its
         result): allocate per-sample state, materialize lazy layers. Default: nothing."""
+
+    @classmethod
+    def config_warnings(cls, cfg) -> List[str]:
+        """Valid run configs (`cfg`: the whole run config) that are probably not meant, one line each
+        (e.g. a warm-up longer than the run). Default: none."""
+        return []
 
     def stages(self) -> List[Stage]:
         """Training stages before the main loop, run in order after `prepare` (fresh runs only).

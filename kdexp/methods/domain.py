@@ -176,7 +176,7 @@ class CQD(Method):
     """Cross-quality distillation (Su & Maji 2016, arXiv 1604.00433): the teacher sees the
     high-quality view (source), the student the degraded one (target, e.g. domain=lowres):
     w_ce * CE(s(x_target), y) + alpha * T^2 * H(softmax(t(x_source)/T), softmax(s(x_target)/T))."""
-    requires = Requirements(views="paired")
+    requires = Requirements(views="paired", ignores=("beta",))
 
     def losses(self, batch):
         s = self.student(batch.x_target)
@@ -209,7 +209,7 @@ class DANN(Method):
     beta * BCE_domain, with the reversal factor lambda_p = 2 / (1 + exp(-gamma p)) - 1 rising with
     the training progress p. The paper's LR annealing mu0 / (1 + 10 p)^0.75 is optim.schedule=dann
     (with optim.name=sgd, momentum 0.9). No teacher."""
-    requires = Requirements(teacher="none", views="paired")
+    requires = Requirements(teacher="none", views="paired", ignores=("temperature", "alpha"))
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)

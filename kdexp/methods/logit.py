@@ -17,7 +17,7 @@ class CEConfig(MethodConfig):
 class CE(Method):
     """The student alone on labels: w_ce * CE. Ignores temperature and alpha, so a sweep
     over them still has a baseline row per value."""
-    requires = Requirements(teacher="none", labels="required", fusable=True)
+    requires = Requirements(teacher="none", labels="required", fusable=True, ignores=("temperature", "alpha", "beta"))
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)
@@ -36,7 +36,7 @@ class KDConfig(MethodConfig):
 @register_method("kd", config=KDConfig)
 class KD(Method):
     """Hinton et al. 2015: w_ce * CE + alpha * T^2 * KL(p_t^T || p_s^T); w_ce defaults to 1 - alpha."""
-    requires = Requirements(fusable=True)
+    requires = Requirements(fusable=True, ignores=("beta",))
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)

@@ -12,7 +12,7 @@ import torch
 
 from kdexp.errors import ConfigError
 from kdexp.losses import dist_terms, dkd_terms, logit_mse_loss
-from kdexp.methods.base import Method, MethodConfig, UNLABELED, register_method
+from kdexp.methods.base import Method, MethodConfig, Requirements, UNLABELED, register_method
 
 
 @dataclass
@@ -26,6 +26,7 @@ class LogitMSE(Method):
     """Ba & Caruana 2014, "Do deep nets really need to be deep?": the student regresses the
     teacher's logits, alpha * 1/2 * sum_c (s_c - t_c)^2 (batch mean) + w_ce * CE. The paper uses
     no labels (alpha=1, w_ce=0). Temperature is accepted and ignored: logits are not softened."""
+    requires = Requirements(ignores=("temperature", "beta"))
 
     def losses(self, batch):
         s = self.student(batch.x)
@@ -59,6 +60,14 @@ class DKD(Method):
         super().__init__(cfg, student, teacher)
         if cfg.warmup_epochs < 0:
             raise ConfigError(f"method.warmup_epochs={cfg.warmup_epochs} is out of range: must be >= 0")
+
+    @classmethod
+    def config_warnings(cls, cfg):
+        w = cfg.method.warmup_epochs
+        if w > cfg.epochs:
+            return [f"method.warmup_epochs={w} is longer than the run (epochs={cfg.epochs}): the DKD terms never reach "
+                    f"their full weight (at most {cfg.epochs}/{w}); set method.warmup_epochs <= epochs"]
+        return []
 
     def warmup_factor(self) -> float:
         w = self.cfg.warmup_epochs

@@ -34,7 +34,7 @@ class DML(Method):
     (`kdexp.losses.mutual_kl_loss`). The peers are copies of the student's architecture with
     their own initialization; the student is peer 0 (val/acc) and the others are evaluated
     every epoch as val/acc_peer1, val/acc_peer2, ... Logged terms sum over the peers."""
-    requires = Requirements(teacher="none")
+    requires = Requirements(teacher="none", ignores=("beta",))
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)

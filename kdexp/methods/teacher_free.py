@@ -33,7 +33,7 @@ class LSR(Method):
     """Label smoothing regularization (Szegedy et al. 2016): w_ce * H((1 - eps) * one_hot + eps / C,
     softmax(s)). No teacher; temperature and alpha are accepted and ignored. LSR is KD from a
     uniform virtual teacher at T=1 with weight eps (Yuan et al. 2020, eq. 6)."""
-    requires = Requirements(teacher="none", labels="required")
+    requires = Requirements(teacher="none", labels="required", ignores=("temperature", "alpha", "beta"))
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)
@@ -61,7 +61,7 @@ class TfKDSelf(KD):
     the student's recipe (optim, epochs, batch_size) and teacher.seed. The teacher provider
     trains and caches it under its own key; teacher.checkpoint loads one instead and
     teacher.stop_at_acc stops it early. teacher.arch/args/optim/epochs are not used."""
-    requires = Requirements(teacher="self")
+    requires = Requirements(teacher="self", ignores=("beta",))
 
 
 @dataclass

@@ -121,7 +121,8 @@ class Finetune(Method):
     w_ce * CE + beta/2 * ||w_S - w_S^0||^2 + l2_new/2 * ||w_new||^2. With a domain shift it trains
     on the target view (domain.train_view overrides). The teacher may be pretrained on other
     classes (teacher.classes). pretrained=false copies nothing: the same recipe from scratch."""
-    requires = Requirements(teacher="weights", labels="required", views="target")
+    requires = Requirements(teacher="weights", labels="required", views="target",
+                            ignores=("temperature", "alpha"))
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)
@@ -228,7 +229,8 @@ class Progressive(Method):
     initialization) is the new column, trained with w_ce * CE on the new task's labels through
     lateral connections from the old column. The deployed model (val/acc) is both columns. With a
     domain shift it trains on the target view."""
-    requires = Requirements(teacher="weights", labels="required", views="target")
+    requires = Requirements(teacher="weights", labels="required", views="target",
+                            ignores=("temperature", "alpha", "beta"))
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)
@@ -264,7 +266,7 @@ class Multitask(Method):
     (`layer`) with labels derived from the main ones by a label map (e.g. parity, or the classes
     0-4 and 5-9 as two tasks). Loss: w_ce * CE_main + sum_k w_k * CE_k (w_k: the task's weight or beta).
     Each head's accuracy is logged as val/acc_<task> (the val/acc view)."""
-    requires = Requirements(teacher="none")
+    requires = Requirements(teacher="none", ignores=("temperature", "alpha"))
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)
@@ -362,7 +364,7 @@ class DataDistill(Method):
     samples (one mean). The hidden labels are used only to log the pseudo-labels' accuracy
     (train/pseudo_label_acc), never for training. Pair with teacher.labeled_only=true so the
     teacher learns from the labeled part alone, as in the paper."""
-    requires = Requirements(labels="partial")
+    requires = Requirements(labels="partial", ignores=("temperature", "alpha", "beta"))
 
     def __init__(self, cfg, student, teacher):
         super().__init__(cfg, student, teacher)

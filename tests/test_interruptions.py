@@ -1,0 +1,87 @@
+"""Interruptions and shared run directories, from the command line: Ctrl-C (SIGINT) and SIGTERM
+stop a run at a recorded point that resumes to the metrics of an uninterrupted run; a second
+process on a run directory in use fails at once; a finished directory rerun with another config
+says which keys differ."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+# ce on 20,000 random 8x8 images: ~0.3 s per epoch, long enough to interrupt, no teacher to train
+SLOW = ["method=ce", "dataset=fake", "dataset.shape=[1,8,8]", "dataset.num_classes=10", "dataset.train_size=20000",
+        "dataset.val_size=500", "epochs=8", "hardware=cpu", "hardware.threads=1", "progress=false"]
+
+
+def start(tmp_path, run_dir, *extra):
+    cmd = [sys.executable, "-m", "kdexp.train", *SLOW, *extra, f"hydra.run.dir={run_dir}",
+           f"paths.cache_dir={tmp_path / 'cache'}"]
+    return subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for(proc, text, timeout=120):
+    """The output up to the first line containing `text` (the process keeps running)."""
+    seen, t0 = [], time.time()
+    for line in proc.stdout:
+        seen.append(line)
+        if text in line or time.time() - t0 > timeout:
+            break
+    return "".join(seen)
+
+
+def read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_the_run_at_a_recorded_point_that_resumes(tmp_path, sig, code):
+    run_dir = tmp_path / "run"
+    proc = start(tmp_path, run_dir)
+    out = wait_for(proc, "epoch 2/8")
+    proc.send_signal(sig)
+    out += proc.communicate(timeout=120)[0]
+    assert proc.returncode == code, out[-2000:]
+    assert "Traceback" not in out
+    m = read(run_dir / "metrics.json")
+    assert m["status"] == "interrupted" and 2 <= len(m["history"]) < 8, m.get("status")
+    assert f"interrupted by {signal.Signals(sig).name}" in out and f"hydra.run.dir={run_dir}" in out  # the resume line
+    if sig != signal.SIGINT:
+        return
+    resumed = subprocess.run(start(tmp_path, run_dir).args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    whole = subprocess.run(start(tmp_path, tmp_path / "whole").args, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300)
+    assert resumed.returncode == 0 and whole.returncode == 0, resumed.stderr[-2000:]
+    a, b = read(run_dir / "metrics.json"), read(tmp_path / "whole" / "metrics.json")
+    assert a["status"] == "done" and [h["val/acc"] for h in a["history"]] == [h["val/acc"] for h in b["history"]]
+    assert a["final"]["train/loss"] == pytest.approx(b["final"]["train/loss"], rel=1e-6)
+
+
+def test_a_second_process_on_a_run_directory_in_use_fails_at_once(tmp_path):
+    run_dir = tmp_path / "run"
+    first = start(tmp_path, run_dir)
+    wait_for(first, "epoch 1/8")
+    t0 = time.time()
+    twin = subprocess.run(start(tmp_path, run_dir).args, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert twin.returncode == 1 and time.time() - t0 < 30
+    assert "in use by another kdexp process" in twin.stdout + twin.stderr and "Traceback" not in twin.stderr
+    first.communicate(timeout=300)
+    assert first.returncode == 0 and read(run_dir / "metrics.json")["status"] == "done"  # nothing corrupted
+
+
+def test_a_finished_run_rerun_with_another_config_names_the_keys(compose_cfg, tmp_path):
+    from kdexp.errors import ConfigError
+    from kdexp.train import run
+
+    fast = ["epochs=1", "teacher.epochs=1", "progress=false"]
+    run(compose_cfg(*fast), str(tmp_path / "run"))
+    assert run(compose_cfg(*fast), str(tmp_path / "run")) > 0  # the same config: skipped, its value
+    with pytest.raises(ConfigError, match=r"different config \(method.temperature\).*force=true"):
+        run(compose_cfg(*fast, "method.temperature=2"), str(tmp_path / "run"))
+    assert read(tmp_path / "run" / "metrics.json")["status"] == "done"  # the finished run is untouched
+    run(compose_cfg(*fast, "method.temperature=2", "force=true"), str(tmp_path / "run"))
+    assert read(tmp_path / "run" / "metrics.json")["hparams"]["method.temperature"] == 2.0
