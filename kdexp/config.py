@@ -1,12 +1,20 @@
 """Structured configs: the schemas behind conf/. Each YAML option extends one of these
 (`defaults: [/schema/<group>/<name>@_here_]`), so Hydra rejects a misspelled key or a
-value of the wrong type. Value ranges (a negative temperature, say) are checked in
-`validate`, which names the bad key and the allowed range."""
+value of the wrong type. Keys added with `+`/`++` or by a config file get past Hydra's struct
+check; `check_known_keys` (the first step of `validate`) rejects those that no schema knows.
+Value ranges (a negative temperature, say) are checked in `validate`, which names the bad key and
+the allowed range."""
+import dataclasses
+import difflib
+import functools
+import os
+import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from kdexp.data.domain import validate_domain
 from kdexp.errors import ConfigError
@@ -148,19 +156,202 @@ class Config:
     not_applied: List[str] = field(default_factory=list)
 
 
+# Datasets with a schema of their own (conf/dataset/<name>.yaml extends /schema/dataset/<name>);
+# every other dataset uses DatasetConfig (/schema/dataset/base).
+DATASET_SCHEMAS = {"fake": FakeDatasetConfig}
+
+
 def register_configs() -> None:
     """Store the schemas in Hydra's ConfigStore. Method schemas come from the method
     registry."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     cs.store(group="schema/dataset", name="base", node=DatasetConfig)
-    cs.store(group="schema/dataset", name="fake", node=FakeDatasetConfig)
+    for name, schema in DATASET_SCHEMAS.items():
+        cs.store(group="schema/dataset", name=name, node=schema)
     cs.store(group="schema/model", name="base", node=ModelConfig)
     cs.store(group="schema/teacher", name="base", node=TeacherConfig)
     cs.store(group="schema/hardware", name="base", node=HardwareConfig)
     cs.store(group="schema/domain", name="base", node=DomainConfig)
     for name in METHODS.names():
         cs.store(group="schema/method", name=name, node=METHODS.meta(name)["config"])
+
+
+# ------------------------------------------------------------------------------ known keys
+@functools.lru_cache(maxsize=None)
+def _schema_fields(schema: type) -> Dict[str, Optional[type]]:
+    """Field name -> the dataclass its value must follow (Optional[X] counts as X), or None for a
+    leaf or a free-form container (Any, Dict[str, Any], List[...]: their keys are not checked here)."""
+    hints = typing.get_type_hints(schema)
+    out = {}
+    for f in dataclasses.fields(schema):
+        tp = hints.get(f.name, f.type)
+        if typing.get_origin(tp) is typing.Union:
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = args[0] if len(args) == 1 else None
+        out[f.name] = tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
+    return out
+
+
+def _name(node) -> Optional[str]:
+    """node.name (the registered name behind a method or dataset node), or None."""
+    try:
+        name = node.get("name")
+    except Exception:  # an interpolation that does not resolve: reported where it is used
+        return None
+    return name if isinstance(name, str) else None
+
+
+def _method_schema(node) -> Optional[type]:
+    # an unknown method name is reported by the registry (with the registered names) elsewhere
+    name = _name(node)
+    return METHODS.meta(name)["config"] if name in METHODS else None
+
+
+def _dataset_schema(node) -> type:
+    return DATASET_SCHEMAS.get(_name(node), DatasetConfig)
+
+
+# The nodes Config types as Any (Hydra fills them from a config group): how to find their schema.
+# `teachers` (List[Any]) stays free-form: its members are resolved and validated by the run plan.
+_GROUP_SCHEMAS = {
+    "dataset": _dataset_schema,
+    "teacher": lambda node: TeacherConfig,
+    "student": lambda node: ModelConfig,
+    "method": _method_schema,
+    "hardware": lambda node: HardwareConfig,
+    "domain": lambda node: DomainConfig,
+}
+
+
+def _unknown_keys(node, schema: type, path: str, found: list, group_schemas=None) -> None:
+    """Append (dotted key, valid keys of its node, its node's path) for every key of `node` that
+    `schema` has no field for; recurse into fields typed as dataclasses."""
+    fields = _schema_fields(schema)
+    for key in node.keys():
+        dotted = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            if not (path == "" and key == "hydra"):  # a config composed with its Hydra node
+                found.append((dotted, sorted(fields), path))
+            continue
+        group = group_schemas is not None and key in group_schemas
+        if fields[key] is None and not group:
+            continue  # a leaf or a free-form container
+        child = node._get_node(key)
+        if not isinstance(child, DictConfig) or child._is_none() or child._is_missing() or child._is_interpolation():
+            continue  # null, ???, ${...} (the node it points to is checked where it lives)
+        sub = group_schemas[key](child) if group else fields[key]
+        if sub is not None:
+            _unknown_keys(child, sub, dotted, found)
+
+
+@dataclass
+class _RunSources:
+    """What the run's Hydra config says about where its keys came from."""
+    overrides: List[str]  # the task overrides (command line, or a sweep's job)
+    choices: Dict[str, Optional[str]]  # the option chosen per config group (hydra.runtime.choices)
+    dirs: List[str]  # the config search path's directories
+
+
+def _run_sources(cfg) -> Optional[_RunSources]:
+    """From the config's own Hydra node, else from the running Hydra app; None when unknown (the
+    compose API without return_hydra_config, a config built by hand)."""
+    try:
+        hc = cfg.hydra if isinstance(cfg, DictConfig) and "hydra" in cfg else None
+        if hc is None:
+            from hydra.core.hydra_config import HydraConfig
+
+            if not HydraConfig.initialized():
+                return None
+            hc = HydraConfig.get()
+        dirs = [s.path for s in hc.runtime.config_sources if s.schema == "file" and s.path]
+        return _RunSources(list(hc.overrides.task), dict(hc.runtime.choices), dirs)
+    except Exception:  # a Hydra node without these keys
+        return None
+
+
+_NOT_SET = object()
+
+
+def _set_in_file(path: str, group: str, dotted: str) -> bool:
+    """Whether the config file `path` (an option of `group`) sets the key `dotted` (a full key)."""
+    with open(path) as f:
+        text = f.read()
+    header = re.search(r"^#\s*@package\s+(\S+)", text, re.M)
+    package = header.group(1) if header else group  # a group option's default package: its group
+    package = "" if package == "_global_" else package.replace("_group_", group)
+    if package and not dotted.startswith(package + "."):
+        return False
+    node = OmegaConf.create(text)
+    return OmegaConf.select(node, dotted[len(package) + 1:] if package else dotted, default=_NOT_SET,
+                            throw_on_resolution_failure=False) is not _NOT_SET
+
+
+def _origin(dotted: str, top: str, sources: Optional[_RunSources]) -> str:
+    """Where the unknown key `dotted` (under the top-level node `top`) probably came from."""
+    if sources is None:
+        return "added with +/++ or by a config file"
+    for o in sources.overrides:
+        name = o.split("=", 1)[0].lstrip("+~")
+        if name in sources.choices or name.startswith("hydra.") or "@" in name:
+            continue  # a config group choice (method=kd): its file is looked at below
+        if dotted == name or dotted.startswith(name + ".") or name.startswith(dotted + "."):
+            return f"added on the command line: {o}"
+    groups = ([top] if top else []) + ["experiment", "hparams_search"]
+    for group in groups:
+        option = sources.choices.get(group)
+        if not option:
+            continue
+        for d in sources.dirs:
+            path = os.path.join(d, group, f"{option}.yaml")
+            try:
+                if os.path.isfile(path) and _set_in_file(path, group, dotted):
+                    return f"set by {group}={option}: {path}"
+            except Exception:  # an unreadable file: no attribution
+                pass
+    return "not on the command line: added by a config file"
+
+
+def _model_hint(group: str) -> str:
+    from kdexp.models import MODELS
+
+    return (f"kdexp builds models by arch, a registered name, not by Hydra's _target_: {group}.arch=NAME with its "
+            f"keyword arguments under {group}.args; registered: {', '.join(MODELS.names())}")
+
+
+def check_known_keys(cfg) -> None:
+    """Every key of the composed task config belongs to its node's schema (the dataclasses above and
+    the registered method's schema); raises ConfigError naming each key that does not, where it came
+    from when that is known, and the closest valid keys. Hydra's struct mode rejects a misspelled key
+    in a plain override, but one added with `+`/`++` or by a config file (an experiment preset, a
+    user's config) would otherwise be silently ignored. Free-form nodes (fields typed Any, Dict or
+    List: student.args, method.tasks, teachers, ...) are checked by their consumers."""
+    found: list = []
+    _unknown_keys(cfg, Config, "", found, _GROUP_SCHEMAS)
+    if not found:
+        return
+    sources = _run_sources(cfg)
+    lines = []
+    for dotted, valid, path in found:
+        key = dotted[len(path) + 1:] if path else dotted
+        top = path.split(".", 1)[0]
+        if not path:
+            where = "unknown top-level key"
+        elif top in ("method", "dataset") and path == top:
+            where = f"unknown key of {top}={_name(cfg[top])}"
+        else:
+            where = f"unknown key of {path}"
+        line = f"{dotted}: {where} ({_origin(dotted, top, sources)})"
+        if key.startswith("_") and key.endswith("_") and len(key) > 2:  # Hydra's _target_, _args_, ...
+            line += ("; " + _model_hint(top) if top in ("student", "teacher") and path == top else
+                     "; kdexp does not instantiate config nodes by _target_: options are registered names "
+                     "(method=NAME, dataset=NAME, student.arch=NAME)")
+        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+        if close:
+            line += f"; did you mean {' or '.join(f'{path}.{c}' if path else c for c in close)}?"
+        lines.append(f"{line}{'' if close else '.'} Valid: {', '.join(valid)}")
+    raise ConfigError(lines[0] if len(lines) == 1 else
+                      f"{len(lines)} unknown config keys:\n" + "\n".join(f"  {line}" for line in lines))
 
 
 def _check(cond: bool, key: str, value, allowed: str) -> None:
@@ -185,7 +376,8 @@ def validate_teacher(t, key: str) -> None:
 
 
 def validate(cfg) -> None:
-    """Range checks that a type system cannot express."""
+    """Unknown keys (`check_known_keys`), then range checks that a type system cannot express."""
+    check_known_keys(cfg)
     validate_domain(cfg.get("domain"))
     m = cfg.method
     _check(m.temperature > 0, "method.temperature", m.temperature, "must be > 0")
