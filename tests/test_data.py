@@ -84,7 +84,7 @@ def test_npz_shapes_split_and_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"lacks array\(s\) \['x'\]"):
         load_dataset(ds(name="npz", path=str(tmp_path / "nox.npz")))
     np.savez(tmp_path / "len.npz", x=rng.random((5, 2)), y=np.arange(4))
-    with pytest.raises(ConfigError, match="5 samples but y has 4"):
+    with pytest.raises(DataError, match="5 samples but y has 4"):  # bad data, not a bad config value
         load_dataset(ds(name="npz", path=str(tmp_path / "len.npz")))
     with pytest.raises(ConfigError, match="no such file"):
         load_dataset(ds(name="npz", path=str(tmp_path / "missing.npz")))

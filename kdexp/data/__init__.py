@@ -4,4 +4,5 @@ augmentation (kdexp.data.augment)."""
 from kdexp.data.core import (DATASETS, Data, Signature, as_images, as_images_shape, check_classes,  # noqa: F401
                              dataset_signature, labeled_mask, list_datasets, load_dataset, register_dataset,
                              stratified_split)
+from kdexp.data.sanity import DataContentError  # noqa: F401
 from kdexp.data import builtin, fake, vision  # noqa: E402,F401  (register the datasets)

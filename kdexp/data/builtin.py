@@ -7,7 +7,8 @@ from typing import Optional, Tuple
 import numpy as np
 
 from kdexp.data.core import as_images, as_images_shape, register_dataset, stratified_split
-from kdexp.errors import ConfigError, DataError
+from kdexp.data.sanity import DataContentError, checked_labels
+from kdexp.errors import ConfigError
 
 
 def _digits_arrays():
@@ -69,29 +70,93 @@ def npz_signature(cfg) -> Tuple[Optional[Tuple[int, ...]], None]:
     return (as_images_shape(shape)[1:] if shape else None), None
 
 
-@register_dataset("npz", signature=npz_signature)
+def npz_origin(cfg) -> str:
+    """How messages name an npz dataset: by its file, the config value that points at it."""
+    return f"dataset.path={cfg.path!r}"
+
+
+def _corrupt(cfg, reason: str) -> DataContentError:
+    return DataContentError(f"{npz_origin(cfg)}: the file is corrupt or not an .npz ({reason})")
+
+
+def _why_not_an_archive(path: str, error: Exception) -> str:
+    """Why np.load could not open `path` as an archive, in the user's terms: numpy reports a file
+    that is not a zip as one that 'contains pickled data' (its last guess at the format)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK"):  # a zip archive's signature: truncated or damaged
+        return f"a truncated or damaged zip archive: {str(error) or type(error).__name__}"
+    return "not a zip archive"
+
+
+def _read_npz(cfg, path: str) -> dict:
+    """The arrays of the npz file at `path`, by name. Every way the bytes can fail to be an npz
+    (not a zip, truncated, a member that fails its CRC or does not decompress, a plain .npy file)
+    is one DataContentError naming the file as corrupt; an array of Python objects is refused by
+    name (loading it would run a pickle)."""
+    try:
+        f = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise _corrupt(cfg, _why_not_an_archive(path, e)) from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise _corrupt(cfg, "a single .npy array; save the arrays with np.savez(path, x=..., y=...)")
+    with f:
+        missing = [k for k in ("x", "y") if k not in f.files]
+        if missing:
+            raise ConfigError(f"{path} lacks array(s) {missing}; it has {f.files}. "
+                              f"Save with np.savez(path, x=..., y=...)")
+        arrays = {}
+        for key in ("x", "y", "x_val", "y_val"):
+            if key not in f.files:
+                continue
+            try:
+                arrays[key] = f[key]
+            except ValueError as e:
+                if "allow_pickle" not in str(e):  # numpy's refusal of an object array names allow_pickle
+                    raise _corrupt(cfg, f"array {key!r}: {e}") from None
+                raise DataContentError(f"{npz_origin(cfg)}: array {key!r} holds Python objects (dtype object), "
+                                       f"which are not loaded (that would run a pickle); save numeric arrays") from None
+            except Exception as e:  # a member whose bytes fail their CRC, do not decompress or parse
+                raise _corrupt(cfg, f"array {key!r}: {str(e) or type(e).__name__}") from None
+    return arrays
+
+
+def _inputs(arrays: dict, key: str, cfg) -> np.ndarray:
+    """Array `key` as float32 model inputs (images laid out by as_images). Only real numbers (and
+    booleans) are inputs: a cast from strings fails with numpy's error, and one from complex
+    numbers drops the imaginary part silently."""
+    a = arrays[key]
+    real = np.issubdtype(a.dtype, np.number) and not np.issubdtype(a.dtype, np.complexfloating)
+    if not (real or a.dtype == np.bool_):
+        raise DataContentError(f"{npz_origin(cfg)}: array {key!r} must hold real numbers, got dtype {a.dtype}")
+    return as_images(a.astype(np.float32))
+
+
+@register_dataset("npz", signature=npz_signature, origin=npz_origin)
 def npz(cfg):
     """A user file `dataset.path` with arrays x (N,...) and y (N,) of integer labels;
-    optional x_val/y_val, else a stratified split of dataset.val_fraction."""
+    optional x_val/y_val, else a stratified split of dataset.val_fraction. The class count is
+    left to the labels (num_classes None: load_dataset takes the largest label + 1)."""
     if not cfg.path:
         raise ConfigError("dataset=npz needs dataset.path=/path/to/file.npz (arrays x and y)")
     path = os.path.abspath(os.path.expanduser(cfg.path))
     if not os.path.isfile(path):
         raise ConfigError(f"dataset.path={cfg.path!r}: no such file ({path})")
+    arrays = _read_npz(cfg, path)
+    if ("x_val" in arrays) != ("y_val" in arrays):
+        has, lacks = ("x_val", "y_val") if "x_val" in arrays else ("y_val", "x_val")
+        raise DataContentError(f"{npz_origin(cfg)}: the file has {has} but not {lacks}; save both "
+                               f"(or neither, for a split of dataset.val_fraction)")
+    x, y = _inputs(arrays, "x", cfg), arrays["y"]
+    checked_labels(x, y, "training", npz_origin(cfg))  # before the split, which needs one class id per input
+    if "x_val" in arrays:
+        return x, y, _inputs(arrays, "x_val", cfg), arrays["y_val"], None
     try:
-        f = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise ConfigError(f"dataset.path={cfg.path!r} is not a readable .npz file: {e}") from None
-    missing = [k for k in ("x", "y") if k not in f.files]
-    if missing:
-        raise ConfigError(f"{path} lacks array(s) {missing}; it has {f.files}. Save with np.savez(path, x=..., y=...)")
-    x, y = as_images(f["x"].astype(np.float32)), f["y"]
-    if len(x) != len(y):
-        raise ConfigError(f"{path}: x has {len(x)} samples but y has {len(y)}")
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-        raise ConfigError(f"{path}: y must be a 1-D array of non-negative integer labels (got {y.dtype}, shape {y.shape})")
-    if "x_val" in f.files and "y_val" in f.files:
-        x_tr, y_tr, x_va, y_va = x, y, as_images(f["x_val"].astype(np.float32)), f["y_val"]
-    else:
         x_tr, x_va, y_tr, y_va = stratified_split(x, y, cfg.val_fraction, cfg.split_seed)
-    return x_tr, y_tr, x_va, y_va, int(max(y.max(), np.max(y_va)) + 1)
+    except ValueError as e:  # scikit-learn: a class with 1 sample, or fewer val samples than classes
+        raise DataContentError(f"{npz_origin(cfg)}: no stratified train/val split of its {len(y)} samples with "
+                               f"dataset.val_fraction={cfg.val_fraction} ({e}); save x_val and y_val in the file, "
+                               f"or change dataset.val_fraction") from None
+    return x_tr, y_tr, x_va, y_va, None

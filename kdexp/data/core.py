@@ -5,23 +5,33 @@ applies the class subset, normalization and label remapping the same way for all
 Each builder also declares, as registry metadata, what it gives a model before any data is read:
 `@register_dataset(name, signature=fn)` with fn(cfg) -> (in_shape or None, num_classes or None),
 the builder's raw shape and class count (before dataset.classes). `dataset_signature` turns that
-into the `Signature` that `load_dataset` would give, so a run can be checked without loading data."""
+into the `Signature` that `load_dataset` would give, so a run can be checked without loading data.
+A builder whose class count only its labels tell (npz) returns num_classes None: load_dataset then
+takes the largest label + 1 and requires every class in between to have samples. Optional metadata
+`origin=fn`, fn(cfg) -> str, names the data in error messages (npz: "dataset.path='...'").
+
+Every dataset passes the checks of kdexp.data.sanity in load_dataset, after the builder and after
+the class subset: bad data is one DataError line, valid but suspicious data a line in Data.warnings."""
 import hashlib
+import logging
 import os
-from dataclasses import dataclass, replace
-from typing import Optional, Sequence, Tuple
+from dataclasses import dataclass, field, replace
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from kdexp.data.augment import Augment
 from kdexp.data.domain import apply_transforms, describe, parse_transforms as domain_steps, target_shape
+from kdexp.data.sanity import (check_class_counts, check_finite, check_label_range, check_standardized, checked_labels,
+                               labels_num_classes)
 from kdexp.errors import ConfigError, DataError
 from kdexp.registry import Registry
 
 DATASETS = Registry("dataset")
 register_dataset = DATASETS.register
 list_datasets = DATASETS.names
+log = logging.getLogger("kdexp")
 
 
 @dataclass
@@ -46,6 +56,9 @@ class Data:
     view: str = "train"
     # dataset.augment: random crop/flip of the training images, replayable (kdexp.data.augment). None: off.
     augment: Optional["Augment"] = None
+    # Lines about data that is valid but probably not what was meant (load_dataset also logs each):
+    # e.g. a class with no validation sample, which val/acc then does not measure.
+    warnings: List[str] = field(default_factory=list)
 
     TENSORS = ("x_train", "y_train", "x_val", "y_val", "labeled", "x_train_target", "x_val_target")
 
@@ -126,11 +139,15 @@ def as_images_shape(shape: Sequence[int]) -> Tuple[int, ...]:
 
 def check_classes(classes: Sequence[int], num_classes: Optional[int]) -> None:
     """dataset.classes must be unique and in 0..num_classes-1 (num_classes None: not known before
-    the labels are read, so only uniqueness and >= 0 can be checked)."""
+    the labels are read, so only uniqueness and >= 0 can be checked), and name at least 2 classes:
+    a 1-class model predicts its only class and reaches val/acc 1.0 without learning anything."""
     bad = [c for c in classes if c < 0 or (num_classes is not None and c >= num_classes)]
     if bad or len(set(classes)) != len(classes):
         allowed = f"in 0..{num_classes - 1}" if num_classes is not None else ">= 0"
         raise ConfigError(f"dataset.classes={list(classes)}: each class must be unique and {allowed}")
+    if len(classes) < 2:
+        raise ConfigError(f"dataset.classes={list(classes)}: a classifier needs at least 2 classes; "
+                          f"list two or more labels")
 
 
 @dataclass(frozen=True)
@@ -161,6 +178,13 @@ def dataset_signature(cfg, domain=None) -> Signature:
                      int(num_classes) if num_classes is not None else None)
 
 
+def data_origin(cfg) -> str:
+    """How error messages name a dataset's data: the builder's `origin` metadata (npz: its file,
+    dataset.path='...'), else dataset=<name>."""
+    origin = DATASETS.meta(cfg.name).get("origin")
+    return origin(cfg) if origin is not None else f"dataset={cfg.name}"
+
+
 def _select_classes(x, y, classes, split: str):
     keep = np.isin(y, classes)
     if not keep.any():
@@ -174,7 +198,9 @@ def load_dataset(cfg, domain=None, cache_dir: Optional[str] = None) -> Data:
     """Build the dataset named cfg.name -> Data (float32 inputs, int64 labels). `domain` (a
     conf/domain config) adds the target views: its transforms are applied to the raw images
     (after the class subset, before normalization), and both views are standardized with the
-    source training statistics. `cache_dir` (paths.cache_dir): where splits are kept."""
+    source training statistics. `cache_dir` (paths.cache_dir): where splits are kept. Data that
+    cannot train a classifier correctly raises one line (kdexp.data.sanity: a DataError for the
+    data, a ConfigError for dataset.classes); Data.warnings lists what is valid but suspicious."""
     global _SPLIT_CACHE
     build = DATASETS.get(cfg.name)
     _SPLIT_CACHE = os.path.expanduser(cache_dir) if cache_dir else None
@@ -182,15 +208,22 @@ def load_dataset(cfg, domain=None, cache_dir: Optional[str] = None) -> Data:
         x_tr, y_tr, x_va, y_va, num_classes = build(cfg)
     finally:
         _SPLIT_CACHE = None
-    y_tr, y_va = np.asarray(y_tr).astype(np.int64), np.asarray(y_va).astype(np.int64)
-    if cfg.classes:
-        classes = [int(c) for c in cfg.classes]
+    where = data_origin(cfg)
+    y_tr, y_va = checked_labels(x_tr, y_tr, "training", where), checked_labels(x_va, y_va, "validation", where)
+    derived = num_classes is None  # the builder leaves the class count to the labels
+    if derived:
+        num_classes = labels_num_classes(y_tr, y_va)
+    check_label_range(y_tr, y_va, num_classes, where)
+    classes = [int(c) for c in cfg.classes] if cfg.classes else None
+    if classes:
         check_classes(classes, num_classes)
         x_tr, y_tr = _select_classes(x_tr, y_tr, classes, "train")
         x_va, y_va = _select_classes(x_va, y_va, classes, "val")
         num_classes = len(classes)
+    warnings = check_class_counts(y_tr, y_va, num_classes, where, classes, derived)
     x_tr = torch.as_tensor(np.ascontiguousarray(x_tr), dtype=torch.float32)
     x_va = torch.as_tensor(np.ascontiguousarray(x_va), dtype=torch.float32)
+    check_finite(x_tr, x_va, where)
     steps = domain_steps(domain)
     x_tr_t = x_va_t = None
     if steps:  # the target views, from the raw images (kdexp.data.domain)
@@ -203,8 +236,11 @@ def load_dataset(cfg, domain=None, cache_dir: Optional[str] = None) -> Data:
         x_tr, x_va = (x_tr - mean) / std, (x_va - mean) / std
         if steps:  # the source statistics: one preprocessing for both views
             x_tr_t, x_va_t = (x_tr_t - mean) / std, (x_va_t - mean) / std
+        check_standardized(mean, std, [t for t in (x_tr, x_va, x_tr_t, x_va_t) if t is not None], where)
     fraction = cfg.get("label_fraction", 1.0)
     labeled = labeled_mask(y_tr, fraction, cfg.split_seed) if fraction < 1.0 else None
+    for line in warnings:  # once the data has passed every check
+        log.warning(line)
     return Data(x_tr, torch.as_tensor(y_tr), x_va, torch.as_tensor(y_va), num_classes, cfg.name, labeled,
                 x_tr_t, x_va_t, describe(steps) if steps else None,
-                augment=Augment.from_config(cfg, tuple(x_tr.shape[1:])))
+                augment=Augment.from_config(cfg, tuple(x_tr.shape[1:])), warnings=warnings)
