@@ -13,6 +13,13 @@ class DataError(KdexpError, FileNotFoundError):
     pass
 
 
+class DataContentError(DataError, ValueError):
+    """Data that was found but cannot be used as it is: a corrupt file, labels that are not class
+    ids, NaN inputs. A DataError (the data must be fixed), and a ValueError like the numpy, pickle
+    and torchvision errors it replaces, so a caller that caught those (or the npz loader's former
+    ConfigError, a ValueError too) still does."""
+
+
 class RunInterrupted(BaseException):
     """SIGINT (Ctrl-C) or SIGTERM (a cluster's pre-emption) stopped a run; its run directory holds
     the last finished epoch and says status "interrupted". A BaseException, like KeyboardInterrupt,

@@ -6,9 +6,12 @@ plan -> record -> assemble -> pretrain -> fit -> report.
 """
 import logging
 import sys
+from dataclasses import fields
+from typing import List
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
@@ -17,6 +20,7 @@ from kdexp.config import register_configs
 from kdexp.engine.lifecycle import run
 from kdexp.engine.record import describe
 from kdexp.errors import KdexpError, RunInterrupted
+from kdexp.methods import MethodConfig
 
 __all__ = ["main", "run", "cli"]
 log = logging.getLogger("kdexp")
@@ -44,10 +48,34 @@ def main(cfg: DictConfig) -> float:
         return float("nan")
 
 
+def sweep_method_keys(argv: List[str]) -> List[str]:
+    """In a multirun, a key only some methods have (method.warmup_epochs=5 in -m method=dkd,kd) is
+    handed to the sweeper as a one-value sweep (choice(5)), which applies it to the jobs whose
+    method has it and records it as not applied in the others (kdexp's sweeper). Hydra would
+    otherwise apply it to the primary config's default method first and stop the whole sweep."""
+    if not any(a in ("-m", "--multirun") for a in argv):
+        return argv
+    parser = OverridesParser.create()
+    common = {f.name for f in fields(MethodConfig)}
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        name = key[len("method."):] if key.startswith("method.") else ""
+        if sep and name and "." not in name and name not in common:
+            try:
+                if not parser.parse_override(arg).is_sweep_override():
+                    arg = parser.parse_override(f"{key}=choice({value})").input_line
+            except Exception:  # not an override Hydra can parse: it reports it as is
+                pass
+        out.append(arg)
+    return out
+
+
 def cli() -> None:
     """Console script `kdexp-train`."""
+    sys.argv = sweep_method_keys(sys.argv)
     main()
 
 
 if __name__ == "__main__":
-    main()
+    cli()

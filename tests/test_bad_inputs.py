@@ -54,8 +54,8 @@ CASES = {  # name: (overrides, a fragment the one-line message must contain)
     # models
     "unknown student": (["student.arch=nosuch"], "student.arch='nosuch'"),
     "unknown teacher": (["teacher.arch=nosuch"], "teacher.arch='nosuch'"),
-    "unknown student argument": (["student.args.hiden=32"], "hiden"),
-    "unknown teacher argument": (["teacher.args.chanels=[8]"], "chanels"),
+    "unknown student argument": (["+student.args.hiden=32"], "hiden"),
+    "unknown teacher argument": (["+teacher.args.chanels=[8]"], "chanels"),
     "a string for a width": (["student.args.hidden=abc"], "student.args"),
     # methods and what they need
     "attention on vectors": (["method=at"], "student options that fit"),

@@ -65,6 +65,7 @@ def batch_of(data, idx):
     return Batch(data.x_train[idx], data.y_train[idx], idx)
 
 
+@pytest.mark.slow  # every method's end-to-end run is also in test_every_method (default run)
 @pytest.mark.parametrize("name", METHODS)
 def test_method_trains_one_epoch_on_digits(cfg_of, tmp_path, name):
     extra = ["method.init_epochs=1"] if name in STAGED else []

@@ -317,6 +317,7 @@ def test_experiment_values_win_and_cli_still_overrides(shared):
     assert len(compose_cfg("experiment=meal_v2_ensemble").teachers) == 3
 
 
+@pytest.mark.slow  # every method's end-to-end run is also in test_every_method (default run)
 @pytest.mark.parametrize("name", LOGIT_LEVEL)
 def test_one_epoch_on_digits(shared, name):
     compose_cfg, root = shared

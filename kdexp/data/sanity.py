@@ -11,14 +11,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from kdexp.errors import ConfigError, DataError
-
-
-class DataContentError(DataError, ValueError):
-    """Data that was found but cannot be used as it is: a corrupt file, labels that are not class
-    ids, NaN inputs. A DataError (the data must be fixed), and a ValueError like the numpy, pickle
-    and torchvision errors it replaces, so a caller that caught those (or the npz loader's former
-    ConfigError, a ValueError too) still does."""
+from kdexp.errors import ConfigError, DataContentError, DataError
 
 
 def compact(values: Sequence[int]) -> str:

@@ -24,6 +24,9 @@ class DivergedError(KdexpError):
     pass
 
 
+_METRIC: Dict[str, str] = {}  # loss term -> its metric name
+
+
 class MethodStepper:
     """One method's training step: the sum of `method.losses(batch)`, each term logged as
     train/loss_<name>; evaluated on the validation set after every epoch."""
@@ -54,7 +57,10 @@ class MethodStepper:
         return loss
 
     def logged(self, loss: torch.Tensor, terms: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        return {"train/loss": loss, **{f"train/loss_{k}": v for k, v in terms.items()}}
+        out = {"train/loss": loss}
+        for k, v in terms.items():
+            out[_METRIC.get(k) or _METRIC.setdefault(k, f"train/loss_{k}")] = v  # names built once, not every step
+        return out
 
     def take_teacher_seconds(self):
         return take_fill_seconds(self.method.teacher)

@@ -134,13 +134,20 @@ def _train(tcfg, data: Data, eval_batch_size: int, progress: bool) -> torch.nn.M
     return model.eval()
 
 
+def _reason(e: Exception) -> str:
+    """One line for why torch.load failed: the specific part of its (long, multi-line) message."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    specific = [ln for ln in lines if "error" in ln.lower() or "unsupported" in ln.lower() or "invalid" in ln.lower()]
+    return f"{type(e).__name__}: {(specific or lines or [''])[-1][:200]}"
+
+
 def _load_state(path: str, model: torch.nn.Module, what: str) -> None:
     if not os.path.isfile(path):
         raise ConfigError(f"{what}={path!r}: no such file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ConfigError(f"{what}={path!r} is not a readable PyTorch checkpoint: {e}") from None
+        raise ConfigError(f"{what}={path!r} is not a readable PyTorch checkpoint of tensors ({_reason(e)})") from None
     state = obj.get("state_dict", obj.get("model", obj)) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
         raise ConfigError(f"{what}={path!r} holds no state dict")
