@@ -350,8 +350,8 @@ def check_known_keys(cfg) -> None:
         if close:
             line += f"; did you mean {' or '.join(f'{path}.{c}' if path else c for c in close)}?"
         lines.append(f"{line}{'' if close else '.'} Valid: {', '.join(valid)}")
-    raise ConfigError(lines[0] if len(lines) == 1 else
-                      f"{len(lines)} unknown config keys:\n" + "\n".join(f"  {line}" for line in lines))
+    raise ConfigError(lines[0] if len(lines) == 1 else  # one line: each key's report after the count
+                      f"{len(lines)} unknown config keys: " + " | ".join(lines))
 
 
 def _check(cond: bool, key: str, value, allowed: str) -> None:

@@ -67,9 +67,9 @@ def test_target_keys_point_to_arch(compose_cfg, override):
 
 def test_several_unknown_keys_in_one_message(compose_cfg):
     msg = rejected(compose_cfg("+method.temprature=2", "+seed2=3", "+hardware.thread=1"))
-    lines = msg.splitlines()
-    assert lines[0] == "3 unknown config keys:"
-    assert sorted(line.split(":")[0].strip() for line in lines[1:]) == ["hardware.thread", "method.temprature", "seed2"]
+    assert "\n" not in msg and msg.startswith("3 unknown config keys: ")
+    parts = msg[len("3 unknown config keys: "):].split(" | ")
+    assert sorted(part.split(":")[0] for part in parts) == ["hardware.thread", "method.temprature", "seed2"]
 
 
 def test_run_plan_rejects_before_anything_is_built(compose_cfg):
@@ -84,8 +84,8 @@ def test_key_added_to_a_composed_config(compose_cfg):
     OmegaConf.update(cfg, "method.init_optim.foo", {"a": 1}, force_add=True)
     msg = rejected(cfg)
     assert "2 unknown config keys:" in msg
-    assert f"  method.foo: unknown key of method=fitnet ({UNKNOWN}). Valid: alpha, beta, init_batch_size, " in msg
-    assert f"  method.init_optim.foo: unknown key of method.init_optim ({UNKNOWN}). Valid: gamma, lr, " in msg
+    assert f"method.foo: unknown key of method=fitnet ({UNKNOWN}). Valid: alpha, beta, init_batch_size, " in msg
+    assert f"method.init_optim.foo: unknown key of method.init_optim ({UNKNOWN}). Valid: gamma, lr, " in msg
 
 
 # ------------------------------------------------------------------ config files on the search path
@@ -125,11 +125,11 @@ def test_unknown_keys_from_a_preset_name_their_file(tmp_path, user_conf):
                              "+method.beta2=1")
     msg = rejected(cfg)
     option, preset = user_conf / "method" / "mykd.yaml", user_conf / "experiment" / "mine.yaml"
-    assert f"  method.temprature: unknown key of method=kd (set by method=mykd: {option}); " \
+    assert f"method.temprature: unknown key of method=kd (set by method=mykd: {option}); " \
            "did you mean method.temperature?" in msg
-    assert f"  method.alpah: unknown key of method=kd (set by experiment=mine: {preset}); " \
+    assert f"method.alpah: unknown key of method=kd (set by experiment=mine: {preset}); " \
            "did you mean method.alpha?" in msg
-    assert "  method.beta2: unknown key of method=kd (added on the command line: +method.beta2=1); " \
+    assert "method.beta2: unknown key of method=kd (added on the command line: +method.beta2=1); " \
            "did you mean method.beta?" in msg
 
 
