@@ -154,6 +154,9 @@ class Config:
     # Set by kdexp's sweeper: overrides of a sweep across methods that this job's method has no key for
     # (e.g. method.warmup_epochs=5 for kd in -m method=dkd,kd method.warmup_epochs=5); recorded, not applied.
     not_applied: List[str] = field(default_factory=list)
+    # A multi-stage pipeline (kdexp.engine.chain, e.g. experiment=takd): stages {name, overrides: [...],
+    # teacher: EARLIER_STAGE}, each a normal run under this run's directory. []: one run.
+    chain: List[Any] = field(default_factory=list)
 
 
 # Datasets with a schema of their own (conf/dataset/<name>.yaml extends /schema/dataset/<name>);

@@ -17,12 +17,21 @@ from omegaconf import DictConfig
 
 from kdexp import config_dir
 from kdexp.config import register_configs
-from kdexp.engine.lifecycle import run
+from kdexp.engine.chain import run_chain
+from kdexp.engine.lifecycle import run as run_one
 from kdexp.engine.record import describe
 from kdexp.errors import KdexpError, RunInterrupted
 from kdexp.methods import MethodConfig
 
 __all__ = ["main", "run", "cli"]
+
+
+def run(cfg, run_dir: str, overrides=()) -> float:
+    """One experiment in `run_dir` (kdexp.engine.lifecycle.run), or the stages of its `chain`, each in
+    a directory of its own under `run_dir` (kdexp.engine.chain); -> the (last) final val/acc."""
+    return run_chain(cfg, run_dir, overrides) if cfg.get("chain") else run_one(cfg, run_dir, overrides)
+
+
 log = logging.getLogger("kdexp")
 register_configs()
 
