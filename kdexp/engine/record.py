@@ -4,6 +4,8 @@
                                   timings, teacher, hardware, ... (rewritten after every epoch)
     <run_dir>/tb/                 TensorBoard scalars + HParams (same run folder)
     <run_dir>/checkpoints/last.pt the fit state after the last finished epoch (resume)
+    <run_dir>/checkpoints/best.pt the same content at the epoch of the best val/acc so far
+    <run_dir>/student.pt          the student's plain state_dict (torch.load(..., weights_only=True))
     <run_dir>/run_info.json       what reproduces it (command, git commit, package versions)
     <run_dir>/config.yaml         the resolved config
 
@@ -22,6 +24,7 @@ from typing import Dict, Iterator, List, Optional
 
 from filelock import FileLock, Timeout
 
+import torch
 from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
@@ -30,7 +33,7 @@ from kdexp.data.domain import describe as describe_domain, parse_transforms
 from kdexp.engine.resume import finished_value, load_checkpoint
 from kdexp.engine.runinfo import write_run_info
 from kdexp.errors import ConfigError, KdexpError, RunInterrupted
-from kdexp.io import atomic_json_dump, atomic_torch_save
+from kdexp.io import atomic_json_dump, atomic_torch_save, atomic_write
 
 log = logging.getLogger("kdexp")
 
@@ -107,6 +110,29 @@ def interruptible() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def student_weights(method_state: dict) -> dict:
+    """The student's own state_dict from a method's: its "student."-prefixed keys, prefix dropped.
+    For a method whose deployed model wraps the student (progressive's columns, ts_adapter's
+    adapter + teacher copy) this is that wrapper module's state_dict."""
+    return {k[len("student."):]: v for k, v in method_state.items() if k.startswith("student.")}
+
+
+def snapshot(obj):
+    """A copy of a fit state whose tensors no longer change: the fit loop's state shares storage
+    with the live parameters and optimizer buffers, which the next epoch updates in place, so an
+    epoch kept for a later checkpoint (checkpoint_every > 1) is copied, to the CPU (where
+    checkpoints are read back anyway)."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [snapshot(v) for v in obj]
+    if type(obj) is tuple:
+        return tuple(snapshot(v) for v in obj)
+    return obj
+
+
 def _hparam_value(v):
     if isinstance(v, (bool, int, float, str)):
         return v
@@ -117,6 +143,8 @@ class Recorder:
     def __init__(self, run_dir: str, cfg, overrides=(), main: bool = True):
         self.run_dir, self.cfg, self.overrides, self.main = run_dir, cfg, list(overrides), main
         self.checkpoint_path = os.path.join(run_dir, "checkpoints", "last.pt")
+        self.best_path = os.path.join(run_dir, "checkpoints", "best.pt")
+        self.student_path = os.path.join(run_dir, "student.pt")
         self.record: dict = {}
         self.tb: Optional[SummaryWriter] = None
         self.t0 = time.time()
@@ -178,7 +206,8 @@ class Recorder:
         cfg = self.cfg
         self.scalars(metrics, epoch + 1)
         self.record["history"].append({"epoch": epoch + 1, **metrics})
-        if metrics["val/acc"] > self.record.get("best", {}).get("val/acc", -1.0):
+        improved = metrics["val/acc"] > self.record.get("best", {}).get("val/acc", -1.0)
+        if improved:
             self.record["best"] = {"val/acc": metrics["val/acc"], "epoch": epoch + 1}
         self.record["final"] = {k: v for k, v in metrics.items() if k.startswith(("val/", "train/"))}
         self.record["val/acc"] = metrics["val/acc"]
@@ -187,19 +216,47 @@ class Recorder:
                  metrics["train/loss"], metrics["val/acc"], metrics["val/loss"],
                  "".join(f"  {k} {metrics[k]:.4f}" for k in ("val/acc_source", "val/acc_target") if k in metrics),
                  metrics["time/epoch_s"], note, extra=extra)
-        if state is not None and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs):
+        if state is None:
+            return
+        due = (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs
+        if due:
             self.checkpoint(state)
-        elif state is not None:  # kept, so that an interruption before the next checkpoint loses nothing
-            self._unsaved = state
+        else:  # kept, so that an interruption before the next checkpoint loses nothing
+            self._unsaved = snapshot(state) if self.main else state
+        if improved:
+            self.best(state, copy_last=due)
+
+    def _contents(self, state: dict) -> dict:
+        """What a checkpoint file holds: the fit state, the teacher's key and the resolved config."""
+        if self._resolved is None:
+            self._resolved = OmegaConf.to_container(self.cfg, resolve=True)
+        return {**state, "teacher_key": self.record.get("teacher", {}).get("key"), "config": self._resolved}
 
     def checkpoint(self, state: dict) -> None:
+        """checkpoints/last.pt (resume) and student.pt (the deployable weights) of the same epoch."""
         self._unsaved = None
         if not self.main:
             return
-        if self._resolved is None:
-            self._resolved = OmegaConf.to_container(self.cfg, resolve=True)
-        teacher_key = self.record.get("teacher", {}).get("key")
-        atomic_torch_save({**state, "teacher_key": teacher_key, "config": self._resolved}, self.checkpoint_path)
+        atomic_torch_save(self._contents(state), self.checkpoint_path)
+        self.save_student(state)
+
+    def best(self, state: dict, copy_last: bool) -> None:
+        """checkpoints/best.pt: last.pt's content at an epoch that improved on the best val/acc.
+        Written only on improvement; when last.pt was just written with this state, it is copied
+        (no second serialization)."""
+        if not self.main:
+            return
+        if copy_last:
+            with open(self.checkpoint_path, "rb") as src:
+                atomic_write(self.best_path, lambda f: shutil.copyfileobj(src, f))
+        else:
+            atomic_torch_save(self._contents(state), self.best_path)
+
+    def save_student(self, state: dict) -> None:
+        """student.pt: the method's `student` module's own state_dict (the method's keys without
+        their "student." prefix), loadable with weights_only=True into the architecture."""
+        if self.main:
+            atomic_torch_save(student_weights(state["method"]), self.student_path)
 
     def warn(self, lines: List[str]) -> None:
         """Valid configs or data that are probably not meant: logged, and kept under `warnings`."""
@@ -260,6 +317,8 @@ class Recorder:
                 self.finish("interrupted", error=f"interrupted by {signal.Signals(stop.signum).name}")
             raise stop from None
         except BaseException as e:
+            if self._unsaved is not None:  # the last finished epoch's student, as an interruption keeps it
+                self.save_student(self._unsaved)
             if self.record.get("status") == "running":
                 self.finish("failed", error=f"{type(e).__name__}: {describe(e)}")
             raise

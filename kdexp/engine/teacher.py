@@ -3,11 +3,14 @@
 it under paths.cache_dir, keyed by a hash of everything that determines it. Writes are atomic
 and under a file lock, so parallel sweep jobs train it once. An ensemble's members (`teachers=
 [...]`) are provided the same way and their softmax outputs averaged."""
+import argparse
 import hashlib
 import json
 import logging
 import os
+import pickletools
 import time
+import zipfile
 from dataclasses import replace
 from typing import Dict, List, Tuple
 
@@ -19,6 +22,7 @@ from omegaconf import OmegaConf
 from kdexp.data import Data, load_dataset
 from kdexp.engine.evaluate import evaluate
 from kdexp.engine.fit import fit
+from kdexp.engine.record import student_weights
 from kdexp.engine.source import InMemorySource
 from kdexp.engine.steppers import MethodStepper
 from kdexp.errors import ConfigError
@@ -141,21 +145,120 @@ def _reason(e: Exception) -> str:
     return f"{type(e).__name__}: {(specific or lines or [''])[-1][:200]}"
 
 
-def _load_state(path: str, model: torch.nn.Module, what: str) -> None:
+# -- reading teacher.checkpoint ------------------------------------------------------------------
+# Wrappers around a state_dict, tried in this order: a generic "state_dict" (kdexp's teacher cache,
+# Lightning), "model_state_dict" (the PyTorch tutorials' layout), "model" (RepDistiller: {"epoch",
+# "model", "accuracy" | "best_acc", "optimizer"[, "opt"]}), "net" (pytorch-cifar style scripts).
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
+# Key prefixes of a model saved through a wrapper: DataParallel/DDP ("module."), a LightningModule
+# holding the network as self.model ("model.").
+WRAPPER_PREFIXES = ("module.", "model.")
+# Harmless plain-data classes allowed in a weights_only read: RepDistiller's *_last.pth stores its
+# argparse options under "opt".
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+def _checkpoint_file(path: str, what: str) -> str:
+    """The file to read: a kdexp run directory stands for its student (student.pt, or the
+    student in checkpoints/last.pt of a run made before student.pt existed)."""
+    if os.path.isdir(path):
+        for name in ("student.pt", os.path.join("checkpoints", "last.pt")):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise ConfigError(f"{what}={path!r} is a directory without student.pt or checkpoints/last.pt "
+                          f"(not a kdexp run directory?)")
     if not os.path.isfile(path):
         raise ConfigError(f"{what}={path!r}: no such file")
+    return path
+
+
+def _pickles_a_module(path: str) -> bool:
+    """Whether the file is a whole pickled nn.Module (torch.save(model)). Decided by scanning the
+    pickle's opcodes, which executes nothing: every module's pickled __dict__ names its
+    `_parameters` and `_modules`."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with zipfile.ZipFile(path) as z:
+            name = next(n for n in z.namelist() if n.endswith("data.pkl"))
+            ops = pickletools.genops(z.read(name))
+            return {"_parameters", "_modules"} <= {arg for _, arg, _ in ops if isinstance(arg, str)}
+    except Exception:  # not torch's zip format, or no pickle in it: then not a module we can name
+        return False
+
+
+def _read(path: str, where: str):
+    """torch.load with weights_only=True (tensors and plain containers: a checkpoint runs no code)."""
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ConfigError(f"{what}={path!r} is not a readable PyTorch checkpoint of tensors ({_reason(e)})") from None
-    state = obj.get("state_dict", obj.get("model", obj)) if isinstance(obj, dict) else None
-    if not isinstance(state, dict):
-        raise ConfigError(f"{what}={path!r} holds no state dict")
-    expected = model.state_dict()
+        if _pickles_a_module(path):
+            raise ConfigError(f"{where} is a whole pickled model (torch.save(model)), which loads only by "
+                              f"running its code (weights_only=False); save its weights instead, "
+                              f"torch.save(model.state_dict(), path), and pass that file") from None
+        raise ConfigError(f"{where} is not a readable PyTorch checkpoint of tensors ({_reason(e)})") from None
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and torch.is_tensor(v)
+                                                       for k, v in obj.items())
+
+
+def _found(obj) -> str:
+    """What a file holds, in a few words (for the one-line error)."""
+    if isinstance(obj, dict):
+        keys = [str(k) for k in list(obj)[:8]]
+        return f"a dict with keys {keys}{' ...' if len(obj) > 8 else ''}" if obj else "an empty dict"
+    if torch.is_tensor(obj):
+        return f"a single tensor of shape {tuple(obj.shape)}"
+    return f"a {type(obj).__name__}"
+
+
+def _unwrap(obj, where: str) -> dict:
+    """The state_dict inside any accepted layout: a kdexp checkpoint (last.pt / best.pt: the
+    "student." keys of its "method" entry), a plain state_dict, or one inside WRAPPER_KEYS
+    (nested wrappers too)."""
+    if isinstance(obj, dict) and isinstance(obj.get("method"), dict) and "epoch" in obj:
+        student = student_weights(obj["method"])
+        if student:
+            return student
+    top = obj
+    for _ in range(4):
+        if _is_state_dict(obj):
+            return dict(obj)
+        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    raise ConfigError(f"{where} holds {_found(top)}: no state_dict of this architecture")
+
+
+def _strip_prefixes(state: dict, expected: dict, where: str) -> dict:
+    """Drop a wrapper's key prefix (WRAPPER_PREFIXES) while every key carries it and none already
+    names a tensor of the model; says so in one log line."""
+    stripped = ""
+    while not set(state) & set(expected):
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix):]: v for k, v in state.items()}
+        stripped += prefix
+    if stripped:
+        log.info("%s: stripped the key prefix %r (saved through DataParallel/DDP or Lightning)", where, stripped)
+    return state
+
+
+def _fill_counters(state: dict, expected: dict) -> dict:
+    """BatchNorm's num_batches_tracked is a step counter, not a weight, and torchvision checkpoints
+    saved before it existed lack it: the model's own value stands in."""
+    return {**{k: v for k, v in expected.items() if k.endswith("num_batches_tracked") and k not in state}, **state}
+
+
+def _check_fit(state: dict, expected: dict, where: str) -> None:
+    """Missing/unexpected keys, then shapes (with the class-count hint for the output layer)."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ConfigError(f"{what}={path!r} does not fit this teacher architecture: missing {missing[:4]}, "
+        raise ConfigError(f"{where} does not fit this teacher architecture: missing {missing[:4]}, "
                           f"unexpected {unexpected[:4]} (a checkpoint of another architecture?)")
     wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items()
              if hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
@@ -165,9 +268,24 @@ def _load_state(path: str, model: torch.nn.Module, what: str) -> None:
         k, have, want = classes[0] if classes else wrong[0]
         hint = (f"for {have[0]} classes, this dataset has {want[0]}" if classes
                 else "for a different input size/channels or model width")
-        raise ConfigError(f"{what}={path!r} does not fit this teacher for this dataset: {k} has shape {have} in "
+        raise ConfigError(f"{where} does not fit this teacher for this dataset: {k} has shape {have} in "
                           f"the checkpoint but {want} here ({len(wrong)} tensor(s) differ; trained {hint}?)")
-    model.load_state_dict(state)
+
+
+def read_state_dict(path: str, model: torch.nn.Module, what: str = "teacher.checkpoint") -> dict:
+    """The state_dict for `model` in `path` (a file in any accepted layout, or a kdexp run
+    directory), checked against the model; anything else is one ConfigError line naming the file."""
+    file = _checkpoint_file(path, what)
+    where = f"{what}={path!r}" + ("" if file == path else f" ({file})")
+    expected = model.state_dict()
+    state = _strip_prefixes(_unwrap(_read(file, where), where), expected, where)
+    state = _fill_counters(state, expected)
+    _check_fit(state, expected, where)
+    return state
+
+
+def _load_state(path: str, model: torch.nn.Module, what: str) -> None:
+    model.load_state_dict(read_state_dict(path, model, what))
 
 
 def provide_teacher(plan, data: Data) -> Tuple[FrozenTeacher, dict]:
