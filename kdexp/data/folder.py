@@ -76,8 +76,9 @@ def _open(cfg, path: str):
         img.load()
         return img
     except Exception as e:  # PIL's UnidentifiedImageError, a truncated file's OSError, ...
-        raise DataContentError(f"{folder_origin(cfg)}: image {path} is corrupt or not an image "
-                               f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); fix or remove it") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataContentError(f"{folder_origin(cfg)}: image {path} is corrupt or not an image ({why}); "
+                               f"fix or remove it") from None
 
 
 def _auto_channels(cfg, images, files) -> int:
@@ -89,8 +90,8 @@ def _auto_channels(cfg, images, files) -> int:
         return modes[0]
     if modes[0] == 1:
         colour = files[modes.index(3)]
-        raise ConfigError(f"{folder_origin(cfg)}: the training images mix grayscale ({files[0]}) and colour ({colour}); "
-                          f"set dataset.channels=3 (or 1 for grayscale)")
+        raise ConfigError(f"{folder_origin(cfg)}: the training images mix grayscale ({files[0]}) and colour "
+                          f"({colour}); set dataset.channels=3 (or 1 for grayscale)")
     return 3
 
 
