@@ -62,6 +62,24 @@ class FakeDatasetConfig(DatasetConfig):
 
 
 @dataclass
+class ImageFolderDatasetConfig(DatasetConfig):
+    """dataset=imagefolder: dataset.path=DIR with DIR/train/<class>/* and optional DIR/val/<class>/*."""
+    name: str = "imagefolder"
+    channels: Optional[int] = None  # 1 (grayscale) | 3 (RGB) | null: 1 if every training image is grayscale, else 3
+    image_size: Optional[Any] = None  # resize every image to [H, W] (an int: square); null: one size required
+
+
+@dataclass
+class CustomDatasetConfig(DatasetConfig):
+    """dataset=custom: a torch Dataset by import path, train._target_ plus its constructor's keyword
+    arguments (free-form); val without _target_ (or null): a stratified split of train (val_fraction).
+    Both nodes exist by default, so dataset.val._target_=... and +dataset.val.NAME=... are plain overrides."""
+    name: str = "custom"
+    train: Optional[Dict[str, Any]] = field(default_factory=lambda: {"_target_": None})
+    val: Optional[Dict[str, Any]] = field(default_factory=lambda: {"_target_": None})
+
+
+@dataclass
 class ModelConfig:
     arch: str = MISSING
     args: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the model builder
@@ -161,7 +179,7 @@ class Config:
 
 # Datasets with a schema of their own (conf/dataset/<name>.yaml extends /schema/dataset/<name>);
 # every other dataset uses DatasetConfig (/schema/dataset/base).
-DATASET_SCHEMAS = {"fake": FakeDatasetConfig}
+DATASET_SCHEMAS = {"fake": FakeDatasetConfig, "imagefolder": ImageFolderDatasetConfig, "custom": CustomDatasetConfig}
 
 
 def register_configs() -> None:

@@ -70,6 +70,16 @@ def test_dataset_options(compose_cfg, tmp_path, option):
         rng = np.random.default_rng(0)
         np.savez(tmp_path / "d.npz", x=rng.random((60, 6, 6), dtype=np.float32), y=np.arange(60) % 3)
         extra = [f"dataset.path={tmp_path / 'd.npz'}"]
+    if option == "imagefolder":  # two classes of 3x3 gray PNGs, split stratified
+        from PIL import Image
+
+        for c in range(2):
+            (tmp_path / "imgs" / "train" / str(c)).mkdir(parents=True)
+            for k in range(10):
+                Image.new("L", (3, 3), 20 * k + c).save(tmp_path / "imgs" / "train" / str(c) / f"{k}.png")
+        extra = [f"dataset.path={tmp_path / 'imgs'}"]
+    if option == "custom":  # a tiny torch Dataset by import path (tests/test_your_data.py)
+        extra = ["dataset.train._target_=tests.test_your_data.TinyDataset"]
     cfg = compose_cfg(f"dataset={option}", *extra, "dataset.download=false")
     validate(cfg)
     if option in OFFLINE_DATASETS:
