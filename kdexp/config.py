@@ -151,8 +151,11 @@ class HardwareConfig:
 @dataclass
 class Config:
     dataset: Any = MISSING
-    teacher: Any = MISSING
-    student: Any = MISSING
+    # Typed (not Any): an option file without `defaults: [/schema/...]` (a user's student/tiny.yaml on
+    # hydra.searchpath, holding just arch and args) is merged onto the schema, so it gets the teacher
+    # recipe's defaults and `teacher.epochs=3` on the command line finds its key.
+    teacher: TeacherConfig = MISSING
+    student: ModelConfig = MISSING
     method: Any = MISSING
     hardware: Any = MISSING
     domain: Any = None  # conf/domain: the target-domain shift (none: no shift)
@@ -336,8 +339,9 @@ def _origin(dotted: str, top: str, sources: Optional[_RunSources]) -> str:
 def _model_hint(group: str) -> str:
     from kdexp.models import MODELS
 
-    return (f"kdexp builds models by arch, a registered name, not by Hydra's _target_: {group}.arch=NAME with its "
-            f"keyword arguments under {group}.args; registered: {', '.join(MODELS.names())}")
+    return (f"kdexp builds models by arch, not by Hydra's _target_: {group}.arch=NAME (registered: "
+            f"{', '.join(MODELS.names())}) or an import path {group}.arch=package.module:Callable, with its keyword "
+            f"arguments under {group}.args")
 
 
 def check_known_keys(cfg) -> None:
@@ -375,6 +379,33 @@ def check_known_keys(cfg) -> None:
                       f"{len(lines)} unknown config keys: " + " | ".join(lines))
 
 
+def apply_group_schemas(cfg) -> None:
+    """Type a group's node by its schema when its option file did not (a user's file on
+    hydra.searchpath without `defaults: [/schema/...]`, e.g. student/tiny.yaml holding just arch and
+    args): Hydra then merges it as a plain dict, with none of the schema's defaults (a teacher would
+    lack its recipe: epochs, optim, ...) and no type checks. Merged onto the schema here, the node
+    gets both. Nodes already typed are left alone; unknown keys are for check_known_keys to report."""
+    from omegaconf import read_write
+    from omegaconf.errors import OmegaConfBaseException
+
+    for group, schema_of in _GROUP_SCHEMAS.items():
+        node = cfg._get_node(group) if isinstance(cfg, DictConfig) and group in cfg else None
+        if not isinstance(node, DictConfig) or node._is_none() or node._is_missing() or node._is_interpolation():
+            continue
+        if OmegaConf.get_type(node) is not dict:
+            continue  # typed by its file's defaults line
+        schema = schema_of(node)
+        if schema is None or set(node.keys()) - set(_schema_fields(schema)):
+            continue  # no schema known, or unknown keys: reported by check_known_keys
+        try:
+            typed = OmegaConf.merge(OmegaConf.structured(schema), node)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{group}: {str(e).splitlines()[0]} (the {group} option's file gives a value of the "
+                              f"wrong type)") from None
+        with read_write(cfg):
+            cfg[group] = typed
+
+
 def _check(cond: bool, key: str, value, allowed: str) -> None:
     if not cond:
         raise ConfigError(f"{key}={value!r} is out of range: {allowed}")
@@ -397,8 +428,10 @@ def validate_teacher(t, key: str) -> None:
 
 
 def validate(cfg) -> None:
-    """Unknown keys (`check_known_keys`), then range checks that a type system cannot express."""
+    """Unknown keys (`check_known_keys`), a group's schema where its file gave none
+    (`apply_group_schemas`), then range checks that a type system cannot express."""
     check_known_keys(cfg)
+    apply_group_schemas(cfg)
     validate_domain(cfg.get("domain"))
     m = cfg.method
     _check(m.temperature > 0, "method.temperature", m.temperature, "must be > 0")

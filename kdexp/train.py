@@ -5,6 +5,7 @@ plan -> record -> assemble -> pretrain -> fit -> report.
     python -m kdexp.train -m method=ce,kd method.temperature=2,8
 """
 import logging
+import os
 import sys
 from dataclasses import fields
 from typing import List
@@ -81,7 +82,11 @@ def sweep_method_keys(argv: List[str]) -> List[str]:
 
 
 def cli() -> None:
-    """Console script `kdexp-train`."""
+    """Console script `kdexp-train`. Like `python -m kdexp.train`, it puts the working directory first on
+    sys.path, so `student.arch=mymodels:TinyNet` finds a mymodels.py where the run starts (a console
+    script's sys.path starts with its own bin folder instead)."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     sys.argv = sweep_method_keys(sys.argv)
     main()
 

@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from kdexp.config import apply_group_schemas
 from kdexp.engine.assemble import assemble, pretrain
 from kdexp.engine.fit import fit
 from kdexp.engine.hardware import Accelerator, init_distributed, select_device, shutdown_distributed
@@ -40,6 +41,11 @@ def run(cfg, run_dir: str, overrides=()) -> float:
 
 
 def _run(cfg, run_dir: str, overrides, dist) -> float:
+    try:  # before the run directory is compared with the config: the recorded config is the typed one
+        apply_group_schemas(cfg)
+    except KdexpError as e:
+        Recorder(run_dir, cfg, overrides, main=dist.is_main).fail_early(e)
+        raise
     recorder = Recorder(run_dir, cfg, overrides, main=dist.is_main)
     done = recorder.finished_value()
     if done is not None:

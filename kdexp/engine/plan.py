@@ -24,7 +24,7 @@ from kdexp.data import dataset_signature
 from kdexp.engine.teacher import EnsembleModel, FrozenTeacher
 from kdexp.errors import ConfigError
 from kdexp.methods import METHODS, Requirements, get_method
-from kdexp.models import MODELS, check_model_args, feature_kind, skeleton
+from kdexp.models import check_model_args, feature_kind, resolve_builder, skeleton
 
 log = logging.getLogger(__name__)
 
@@ -276,8 +276,11 @@ def _check_models(p: RunPlan) -> None:
     """Unknown architectures and builder arguments, before anything is built or trained."""
     models = [("student", p.cfg.student)] + list(zip(_teacher_keys(p), p.teachers))
     for key, node in models:
-        if node.arch not in MODELS:
-            MODELS.get(node.arch, key=f"{key}.arch")  # raises, naming the key and the registered models
+        if OmegaConf.is_missing(node, "arch"):
+            raise ConfigError(f"{key}.arch is not set (???): give your model's import path, "
+                              f"{key}.arch=package.module:Callable (e.g. mymodels:TinyNet), a zoo model "
+                              f"(torchvision:resnet18) or a registered name")
+        resolve_builder(node.arch, key=f"{key}.arch")  # raises, naming the key: the registered models, or the import
         check_model_args(node.arch, OmegaConf.to_container(node.args, resolve=True), key=f"{key}.args")
 
 
@@ -291,6 +294,10 @@ def _skeleton(node, in_shape, num_classes, key: str = "") -> nn.Module:
     args = OmegaConf.to_container(node.args, resolve=True)
     try:
         return skeleton(node.arch, in_shape, num_classes, **args)
+    except ConfigError as e:  # get_model's own ("arch 'x' returned ..."): name the config key
+        if key and str(e).startswith("arch "):
+            raise ConfigError(f"{key}.{e}") from None
+        raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{key + '.args' if key else 'args'}={args}: model {node.arch!r} cannot be built for "
                           f"input {tuple(in_shape)} and {num_classes} classes: {e}") from None
@@ -371,15 +378,20 @@ def _fits(p: RunPlan, student_node, teacher) -> bool:
     return method is not None and not _mismatch(p.requires.features, method.tapped_features().get("student", []))
 
 
+def _model_options(group: str):
+    """(name, node) of the options of `group` that name a model: not custom (arch=???, the user's own)."""
+    nodes = ((name, _load_option(group, name, group)) for name in options(group))
+    return [(name, node) for name, node in nodes if not OmegaConf.is_missing(node, "arch")]
+
+
 def _fitting_students(p: RunPlan) -> List[str]:
     teacher = _teacher_skeleton(p)
-    return [name for name in options("student") if _fits(p, _load_option("student", name, "student"), teacher)]
+    return [name for name, node in _model_options("student") if _fits(p, node, teacher)]
 
 
 def _fitting_teachers(p: RunPlan) -> List[str]:
     out = []
-    for name in options("teacher"):
-        node = _load_option("teacher", name, "teacher")
+    for name, node in _model_options("teacher"):
         with torch.device("meta"):
             model = _skeleton(node, p.in_shape, p.num_classes)
         try:

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import pickletools
+import re
 import time
 import zipfile
 from dataclasses import replace
@@ -29,7 +30,7 @@ from kdexp.errors import ConfigError
 from kdexp.io import atomic_torch_save
 from kdexp.losses import ensemble_log_probs
 from kdexp.methods import Batch, get_method
-from kdexp.models import get_model
+from kdexp.models import builder_fingerprint, get_model
 from kdexp.models.taps import run_with_features
 from kdexp.seeding import derive_seed
 
@@ -95,6 +96,9 @@ def teacher_key(tcfg, dataset_cfg, data: Data) -> str:
         recipe["stop_at_acc"] = t["stop_at_acc"]
     if t.get("labeled_only"):  # only when set: trained on the labeled part alone
         recipe["labeled_only"] = True
+    code = builder_fingerprint(t["arch"])  # a user's model (import path): its source file, so edits retrain
+    if code is not None:
+        recipe["code"] = code
     # label_fraction is left out: the teacher is trained on every label whatever the student keeps
     # (unless teacher.labeled_only). teacher.classes enters through dataset_cfg (see _provide_one).
     ds = {k: v for k, v in OmegaConf.to_container(dataset_cfg, resolve=True).items()
@@ -330,7 +334,7 @@ def _provide_one(tcfg, cfg, data: Data) -> Tuple[torch.nn.Module, dict]:
         key = teacher_key(tcfg, dataset_cfg, data)
         folder = os.path.join(os.path.expanduser(cfg.paths.cache_dir), "teachers")
         os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"{tcfg.arch}-{key}.pt")
+        path = os.path.join(folder, f"{re.sub(r'[^A-Za-z0-9_.-]', '_', tcfg.arch)}-{key}.pt")  # mymodels:Net
         with FileLock(path + ".lock"):  # concurrent jobs wait here while one trains
             if os.path.isfile(path):
                 _load_state(path, model, "teacher cache file")
