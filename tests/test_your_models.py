@@ -270,6 +270,7 @@ def test_kd_with_your_models_from_the_working_directory(tmp_path):
     assert _val_acc(run_dir) > 0.8
 
 
+@pytest.mark.slow  # a subprocess run (the default run keeps one: test_kd_with_your_models_from_the_working_directory)
 def test_kd_with_two_line_option_files_on_the_searchpath(tmp_path):
     write_module(tmp_path)
     for group, hidden in (("student", 32), ("teacher", 128)):
@@ -281,6 +282,7 @@ def test_kd_with_two_line_option_files_on_the_searchpath(tmp_path):
     assert _val_acc(run_dir) > 0.8
 
 
+@pytest.mark.slow  # a subprocess run (the default run keeps one: test_kd_with_your_models_from_the_working_directory)
 def test_fitnet_taps_your_models_by_module_name(tmp_path):
     write_module(tmp_path)
     proc, run_dir = _train(tmp_path, "student=custom", "student.arch=mymodels:make_net", "+student.args.width=4",
@@ -300,6 +302,7 @@ def test_fitnet_taps_your_models_by_module_name(tmp_path):
     (["student.arch=mymodels:TinyNet", "+student.args.hiden=3"],
      "student.args: model 'mymodels:TinyNet' has no argument(s) ['hiden']; valid: ['hidden']"),
 ])
+@pytest.mark.slow  # a subprocess run (the default run keeps one: test_kd_with_your_models_from_the_working_directory)
 def test_errors_of_your_model_in_a_run(tmp_path, overrides, message):
     write_module(tmp_path)
     proc, run_dir = _train(tmp_path, "student=custom", *overrides, "method=ce", "epochs=1")
