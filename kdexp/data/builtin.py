@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from kdexp.data.core import as_images, as_images_shape, register_dataset, stratified_split
+from kdexp.data.core import as_images, as_images_shape, register_dataset, split_for_validation, stratified_split
 from kdexp.data.sanity import DataContentError, checked_labels
 from kdexp.errors import ConfigError
 
@@ -153,10 +153,6 @@ def npz(cfg):
     checked_labels(x, y, "training", npz_origin(cfg))  # before the split, which needs one class id per input
     if "x_val" in arrays:
         return x, y, _inputs(arrays, "x_val", cfg), arrays["y_val"], None
-    try:
-        x_tr, x_va, y_tr, y_va = stratified_split(x, y, cfg.val_fraction, cfg.split_seed)
-    except ValueError as e:  # scikit-learn: a class with 1 sample, or fewer val samples than classes
-        raise DataContentError(f"{npz_origin(cfg)}: no stratified train/val split of its {len(y)} samples with "
-                               f"dataset.val_fraction={cfg.val_fraction} ({e}); save x_val and y_val in the file, "
-                               f"or change dataset.val_fraction") from None
+    x_tr, x_va, y_tr, y_va = split_for_validation(x, y, cfg, npz_origin(cfg), "samples",
+                                                  "save x_val and y_val in the file,")
     return x_tr, y_tr, x_va, y_va, None

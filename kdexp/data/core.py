@@ -25,7 +25,7 @@ from kdexp.data.augment import Augment
 from kdexp.data.domain import apply_transforms, describe, parse_transforms as domain_steps, target_shape
 from kdexp.data.sanity import (check_class_counts, check_finite, check_label_range, check_standardized, checked_labels,
                                labels_num_classes)
-from kdexp.errors import ConfigError, DataError
+from kdexp.errors import ConfigError, DataContentError
 from kdexp.registry import Registry
 
 DATASETS = Registry("dataset")
@@ -98,6 +98,19 @@ def stratified_split(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: in
 
             atomic_write(path, lambda f: np.savez(f, train=tr, val=va))
     return x[tr], x[va], y[tr], y[va]
+
+
+def split_for_validation(x: np.ndarray, y: np.ndarray, cfg, where: str, what: str, instead: str):
+    """A builder's validation set when its source has none: dataset.val_fraction of (x, y), stratified
+    (stratified_split) -> x_train, x_val, y_train, y_val; a split scikit-learn cannot make (a class
+    with one sample, fewer validation samples than classes) is one line naming `where` (the
+    dataset), the `what` it has ("samples", "training images") and the other way: `instead`."""
+    try:
+        return stratified_split(x, y, cfg.val_fraction, cfg.split_seed)
+    except ValueError as e:
+        raise DataContentError(f"{where}: no stratified train/val split of its {len(y)} {what} with "
+                               f"dataset.val_fraction={cfg.val_fraction} ({e}); {instead} or change "
+                               f"dataset.val_fraction") from None
 
 
 def labeled_mask(y: np.ndarray, fraction: float, seed: int) -> torch.Tensor:

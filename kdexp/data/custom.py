@@ -11,7 +11,7 @@ from typing import Any, Dict, Tuple
 
 import numpy as np
 
-from kdexp.data.core import as_images, register_dataset, stratified_split
+from kdexp.data.core import as_images, register_dataset, split_for_validation
 from kdexp.data.images import channels_of, pil_to_array
 from kdexp.data.sanity import DataContentError
 from kdexp.errors import ConfigError
@@ -142,10 +142,5 @@ def custom(cfg):
     if cfg.get("val") is not None and cfg.val.get("_target_"):
         x_va, y_va = read_all(instantiate(cfg.val, "dataset.val"), f"dataset.val._target_={cfg.val.get('_target_')!r}")
         return x_tr, y_tr, x_va, y_va, num_classes
-    try:
-        x_tr, x_va, y_tr, y_va = stratified_split(x_tr, y_tr, cfg.val_fraction, cfg.split_seed)
-    except ValueError as e:
-        raise DataContentError(f"{where}: no stratified train/val split of its {len(y_tr)} samples with "
-                               f"dataset.val_fraction={cfg.val_fraction} ({e}); set dataset.val._target_ or change "
-                               f"dataset.val_fraction") from None
+    x_tr, x_va, y_tr, y_va = split_for_validation(x_tr, y_tr, cfg, where, "samples", "set dataset.val._target_")
     return x_tr, y_tr, x_va, y_va, num_classes

@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from kdexp.data.core import register_dataset, stratified_split
+from kdexp.data.core import register_dataset, split_for_validation
 from kdexp.data.images import channels_of, check_channels, parse_image_size, pil_to_array, stack_same_size
 from kdexp.data.sanity import DataContentError
 from kdexp.errors import ConfigError, DataError
@@ -152,10 +152,6 @@ def imagefolder(cfg):
         if x_va.shape[1:] != x_tr.shape[1:]:  # one size for all images, train and val alike
             stack_same_size([x_tr[0], x_va[0]], [files_tr[0], val[0][0]], folder_origin(cfg))
         return x_tr, y_tr, x_va, val[1], len(classes)
-    try:
-        x_tr, x_va, y_tr, y_va = stratified_split(x_tr, y_tr, cfg.val_fraction, cfg.split_seed)
-    except ValueError as e:  # scikit-learn: a class with 1 image, or fewer val images than classes
-        raise DataContentError(f"{folder_origin(cfg)}: no stratified train/val split of its {len(y_tr)} training "
-                               f"images with dataset.val_fraction={cfg.val_fraction} ({e}); add a val/ folder or "
-                               f"change dataset.val_fraction") from None
+    x_tr, x_va, y_tr, y_va = split_for_validation(x_tr, y_tr, cfg, folder_origin(cfg), "training images",
+                                                  "add a val/ folder")
     return x_tr, y_tr, x_va, y_va, len(classes)
