@@ -16,6 +16,17 @@ def soften(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return F.log_softmax(logits / temperature, dim=-1)
 
 
+def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Logit standardization (Sun et al. CVPR 2024, arXiv 2403.01427): each sample's logits
+    z-scored over the classes, (z - mean(z)) / (std(z) + eps), shape (B, C) -> (B, C).
+
+    std is the unbiased one (divides by C - 1) and eps is added to it, as in the authors' code
+    (`torch.std` default, 1e-7); a sample whose logits are all equal maps to zeros. Softening the
+    result at a base temperature T makes the effective temperature std(z) * T per sample."""
+    centered = logits - logits.mean(dim=-1, keepdim=True)
+    return centered / (logits.std(dim=-1, keepdim=True) + eps)
+
+
 def kl_div_log(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """KL(p || q) from log-probabilities, summed over classes and averaged over the batch
     ('batchmean'). Written out instead of F.kl_div, which has no vmap batching rule."""

@@ -2,6 +2,7 @@
 class, the Batch, the configs' base schema and the registry live in kdexp.methods.base; this
 package imports every method file so that the registry is complete."""
 from kdexp.methods.base import (METHODS, UNLABELED, Batch, Method, MethodConfig, OptimConfig, Requirements,  # noqa: F401
+                                SofteningConfig,
                                 Stage, get_method, list_methods, register_method, requirements)
 from kdexp.methods import logit, logit_match, teacher_free, mutual, ensemble  # noqa: E402,F401  (logit-level)
 from kdexp.methods import feature, relation, gradient  # noqa: E402,F401  (feature- and relation-based)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from omegaconf import MISSING
 
-from kdexp.losses import ce_loss
+from kdexp.losses import ce_loss, standardize_logits
 from kdexp.registry import Registry
 
 METHODS = Registry("method")
@@ -48,6 +48,15 @@ class MethodConfig:
     alpha: float = 0.9  # weight of the KD term
     beta: float = 0.0  # weight of the method's own term
     w_ce: Optional[float] = None  # weight of CE on labels; null -> 1 - alpha
+
+
+@dataclass
+class SofteningConfig(MethodConfig):
+    """Keys of the methods whose loss softens logits with a temperature."""
+    # Sun et al. CVPR 2024: z-score student and teacher logits per sample before every soft term
+    # (`kdexp.losses.standardize_logits`); temperature is then the paper's base temperature. The
+    # CE on labels keeps the raw logits.
+    logit_standardize: bool = False
 
 
 @dataclass(frozen=True)
@@ -171,6 +180,7 @@ class Method(nn.Module, abc.ABC):
         # off the module tree.
         object.__setattr__(self, "teacher", teacher)
         self.w_ce = (1.0 - cfg.alpha) if cfg.w_ce is None else cfg.w_ce
+        self.logit_standardize = bool(getattr(cfg, "logit_standardize", False))  # SofteningConfig
 
     def param_groups(self, optim_cfg) -> List[dict]:
         """Optimizer parameter groups. Override to give a method-owned part (a discriminator,
@@ -212,6 +222,13 @@ class Method(nn.Module, abc.ABC):
     @abc.abstractmethod
     def losses(self, batch: Batch) -> Dict[str, torch.Tensor]:
         """Weighted loss terms of one training batch, by name; their sum is minimized."""
+
+    def soft_inputs(self, *logits: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The logits as the method's soft (temperature) terms take them: z-scored per sample
+        (`standardize_logits`) when method.logit_standardize is set, else unchanged."""
+        if not self.logit_standardize:
+            return logits
+        return tuple(standardize_logits(z) for z in logits)
 
     def ce(self, student_logits: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The weighted CE-on-labels term, omitted when its weight is 0. Samples without a label
