@@ -26,7 +26,7 @@ def rejected(cfg) -> str:
 @pytest.mark.parametrize("overrides,expected", [
     (["+method.temprature=2"],
      f"method.temprature: unknown key of method=kd ({UNKNOWN}); did you mean method.temperature? "
-     "Valid: alpha, beta, name, temperature, w_ce"),
+     "Valid: alpha, beta, logit_standardize, name, temperature, w_ce"),
     (["++method.temprature=2"], "method.temprature: unknown key of method=kd"),
     (["+dataset.foo=1"], f"dataset.foo: unknown key of dataset=digits ({UNKNOWN}). Valid: augment, "),
     (["+seed2=3"], f"seed2: unknown top-level key ({UNKNOWN}); did you mean seed? Valid: batch_size, "),

@@ -176,6 +176,8 @@ def fuse_reason(cfg, requires: Requirements, student: Optional[nn.Module] = None
     if cfg.get("teachers"):
         return "a teachers=[...] ensemble"
     m = cfg.method
+    if m.get("logit_standardize"):
+        return "method.logit_standardize (fused students compute KD on raw logits)"
     w_ce = (1.0 - m.alpha) if m.get("w_ce") is None else m.w_ce
     if not w_ce and (not requires.uses_teacher or not m.alpha):
         return "nothing to train (w_ce and alpha are 0): the separate run reports it"

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from kdexp.errors import ConfigError
 from kdexp.losses import (ab_loss, at_loss, factor_transfer_loss, fitnet_loss, fsp_loss, kd_loss, nst_loss,
                           vid_loss)
-from kdexp.methods.base import Batch, Method, MethodConfig, OptimConfig, Requirements, Stage, register_method
+from kdexp.methods.base import Batch, Method, OptimConfig, Requirements, SofteningConfig, Stage, register_method
 from kdexp.models.connectors import Connector, Paraphraser, Translator, as_map, map_channels, match_spatial
 from kdexp.models.taps import default_layers, feature_shapes, run_with_features
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class FeatureConfig(MethodConfig):
+class FeatureConfig(SofteningConfig):
     """Keys shared by the feature- and relation-based methods."""
     alpha: float = 0.0  # KD on top of the method's own term (0: CE + beta * term, as in the papers' tables)
     student_layers: Optional[List[str]] = None  # module names to tap; null: the architecture's defaults
@@ -132,7 +132,7 @@ class FeatureMethod(Method):
             t_logits = self.teacher.logits(batch) if cfg.alpha else None
         terms = self.ce(s_logits, batch.y)
         if cfg.alpha:
-            terms["kd"] = cfg.alpha * kd_loss(s_logits, t_logits, cfg.temperature)
+            terms["kd"] = cfg.alpha * kd_loss(*self.soft_inputs(s_logits, t_logits), cfg.temperature)
         if cfg.beta:
             terms[self.term] = cfg.beta * self.feature_loss(s_f, t_f, batch)
         return terms

@@ -6,11 +6,11 @@ import torch
 
 from kdexp.errors import ConfigError
 from kdexp.losses import jacobian_loss, kd_loss
-from kdexp.methods.base import Method, MethodConfig, Requirements, register_method, UNLABELED
+from kdexp.methods.base import Method, Requirements, SofteningConfig, register_method, UNLABELED
 
 
 @dataclass
-class JacobianConfig(MethodConfig):
+class JacobianConfig(SofteningConfig):
     name: str = "jacobian"
     alpha: float = 0.9  # KD, as method=kd: Jacobian matching is added to distillation
     beta: float = 1.0  # weight of the Jacobian term
@@ -50,7 +50,7 @@ class Jacobian(Method):
         s_logits = self.student(x)
         terms = self.ce(s_logits, batch.y)
         if cfg.alpha:
-            terms["kd"] = cfg.alpha * kd_loss(s_logits, t_logits, cfg.temperature)
+            terms["kd"] = cfg.alpha * kd_loss(*self.soft_inputs(s_logits, t_logits), cfg.temperature)
         if cfg.beta:
             (g_s,) = torch.autograd.grad(s_logits.gather(1, y.unsqueeze(1)).sum(), x, create_graph=True)
             terms["jacobian"] = cfg.beta * jacobian_loss(g_s, g_t)

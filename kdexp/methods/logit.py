@@ -4,7 +4,7 @@ from typing import Optional
 
 from kdexp.errors import ConfigError
 from kdexp.losses import kd_ce_loss_soft, kd_loss
-from kdexp.methods.base import Method, MethodConfig, Requirements, register_method, UNLABELED
+from kdexp.methods.base import Method, MethodConfig, Requirements, SofteningConfig, register_method, UNLABELED
 
 
 @dataclass
@@ -29,13 +29,14 @@ class CE(Method):
 
 
 @dataclass
-class KDConfig(MethodConfig):
+class KDConfig(SofteningConfig):
     name: str = "kd"
 
 
 @register_method("kd", config=KDConfig)
 class KD(Method):
-    """Hinton et al. 2015: w_ce * CE + alpha * T^2 * KL(p_t^T || p_s^T); w_ce defaults to 1 - alpha."""
+    """Hinton et al. 2015: w_ce * CE + alpha * T^2 * KL(p_t^T || p_s^T); w_ce defaults to 1 - alpha.
+    With method.logit_standardize the KL compares the z-scored logits (Sun et al. CVPR 2024)."""
     requires = Requirements(fusable=True, ignores=("beta",))
 
     def __init__(self, cfg, student, teacher=None):
@@ -46,7 +47,8 @@ class KD(Method):
 
     def losses(self, batch):
         s = self.student(batch.x)
-        soft = self._soft_targets
+        # (standardized logits have no cached soft targets: their teacher logits come from the cache)
+        soft = None if self.logit_standardize else self._soft_targets
         if self.alpha and soft is not None:
             # teacher-output cache: softened probabilities cached per T; both terms in one autograd
             # node (same values and gradients as self.ce + kd_loss below)
@@ -56,5 +58,24 @@ class KD(Method):
             return {"ce": ce, "kd": kd} if self.w_ce else {"kd": kd}
         terms = self.ce(s, batch.y)
         if self.alpha:
-            terms["kd"] = self.alpha * kd_loss(s, self.teacher.logits(batch), self.temperature)
+            terms["kd"] = self.alpha * kd_loss(*self.soft_inputs(s, self.teacher.logits(batch)), self.temperature)
         return terms
+
+
+@dataclass
+class LSKDConfig(KDConfig):
+    name: str = "lskd"
+    logit_standardize: bool = True
+    temperature: float = 2.0  # the paper's base temperature on CIFAR-100
+    alpha: float = 9.0  # KD weight (the authors' CIFAR-100 KD+LS runs)
+    w_ce: Optional[float] = 0.1
+
+
+@register_method("lskd", config=LSKDConfig)
+class LSKD(KD):
+    """KD with logit standardization (Sun et al. CVPR 2024, arXiv 2403.01427): method=kd with
+    method.logit_standardize=true and the authors' CIFAR-100 weights, 0.1 * CE + 9 * T^2 *
+    KL(softmax(z(t)/T) || softmax(z(s)/T)) at base temperature T=2, z the per-sample z-score
+    (`kdexp.losses.standardize_logits`). The authors' code scales the KL by T^2 as mdistiller does.
+    Not fusable: the fused stepper computes plain KD (engine.fused)."""
+    requires = Requirements(ignores=("beta",))

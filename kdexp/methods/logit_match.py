@@ -12,7 +12,7 @@ import torch
 
 from kdexp.errors import ConfigError
 from kdexp.losses import dist_terms, dkd_terms, logit_mse_loss
-from kdexp.methods.base import Method, MethodConfig, Requirements, UNLABELED, register_method
+from kdexp.methods.base import Method, MethodConfig, Requirements, SofteningConfig, UNLABELED, register_method
 
 
 @dataclass
@@ -37,7 +37,7 @@ class LogitMSE(Method):
 
 
 @dataclass
-class DKDConfig(MethodConfig):
+class DKDConfig(SofteningConfig):
     name: str = "dkd"
     temperature: float = 4.0
     alpha: float = 1.0  # weight of TCKD (target vs. non-target), the KD-like part
@@ -78,7 +78,7 @@ class DKD(Method):
         terms = self.ce(s, batch.y)
         t = self.teacher.logits(batch)
         target = torch.where(batch.y == UNLABELED, t.argmax(-1), batch.y)
-        tckd, nckd = dkd_terms(s, t, target, self.cfg.temperature)
+        tckd, nckd = dkd_terms(*self.soft_inputs(s, t), target, self.cfg.temperature)
         ramp = self.warmup_factor()
         if self.cfg.alpha:
             terms["tckd"] = ramp * self.cfg.alpha * tckd
@@ -88,7 +88,7 @@ class DKD(Method):
 
 
 @dataclass
-class DISTConfig(MethodConfig):
+class DISTConfig(SofteningConfig):
     name: str = "dist"
     temperature: float = 1.0
     alpha: float = 1.0  # weight of the inter-class relation (per sample; the paper's beta)
@@ -107,7 +107,7 @@ class DIST(Method):
     def losses(self, batch):
         s = self.student(batch.x)
         terms = self.ce(s, batch.y)
-        inter, intra = dist_terms(s, self.teacher.logits(batch), self.cfg.temperature)
+        inter, intra = dist_terms(*self.soft_inputs(s, self.teacher.logits(batch)), self.cfg.temperature)
         if self.cfg.alpha:
             terms["inter"] = self.cfg.alpha * inter
         if self.cfg.beta:

@@ -8,11 +8,11 @@ import torch.nn as nn
 
 from kdexp.errors import ConfigError
 from kdexp.losses import mutual_kl_loss
-from kdexp.methods.base import Method, MethodConfig, Requirements, register_method
+from kdexp.methods.base import Method, Requirements, SofteningConfig, register_method
 
 
 @dataclass
-class DMLConfig(MethodConfig):
+class DMLConfig(SofteningConfig):
     name: str = "dml"
     temperature: float = 1.0  # the paper matches plain softmax outputs
     alpha: float = 1.0  # weight of each peer's mean KL to the others
@@ -55,5 +55,5 @@ class DML(Method):
         if self.w_ce:
             terms["ce"] = sum(self.ce(z, batch.y)["ce"] for z in logits)
         if self.cfg.alpha:
-            terms["dml"] = self.cfg.alpha * mutual_kl_loss(logits, self.cfg.temperature)
+            terms["dml"] = self.cfg.alpha * mutual_kl_loss(self.soft_inputs(*logits), self.cfg.temperature)
         return terms

@@ -11,7 +11,7 @@ from typing import Optional
 
 from kdexp.errors import ConfigError
 from kdexp.losses import lsr_loss, tfkd_reg_loss
-from kdexp.methods.base import Method, MethodConfig, Requirements, register_method, UNLABELED
+from kdexp.methods.base import Method, MethodConfig, Requirements, SofteningConfig, register_method, UNLABELED
 from kdexp.methods.logit import KD
 
 
@@ -48,7 +48,7 @@ class LSR(Method):
 
 
 @dataclass
-class TfKDSelfConfig(MethodConfig):
+class TfKDSelfConfig(SofteningConfig):
     name: str = "tfkd_self"
     temperature: float = 20.0  # the authors' CIFAR-100 self-training runs (MobileNetV2, ShuffleNetV2)
     alpha: float = 0.95
