@@ -39,7 +39,8 @@ class DatasetConfig:
     download: bool = True  # torchvision datasets: try to download when files are missing
     # Transfer set (Hinton et al. 2015): keep labels for this stratified fraction of the training
     # set (fixed by split_seed); the other training inputs stay in, unlabeled, for teacher-driven
-    # terms only. The teacher is still trained on every label. 1.0: all labeled.
+    # terms only. The teacher is trained on every label, except for methods that learn from the
+    # unlabeled samples (data_distill; see teacher.labeled_only). 1.0: all labeled.
     label_fraction: float = 1.0
     # Random augmentation of the training images (kdexp.data.augment): none | flip | crop | crop_flip
     # (crop: random crop of the image zero-padded by augment_pad pixels). augment_views: 0 = a fresh
@@ -104,9 +105,12 @@ class TeacherConfig(ModelConfig):
     # while dataset.classes=[5,6,7,8,9]); for methods that start from its weights (finetune,
     # progressive). null: the run's classes. Part of the teacher cache key.
     classes: Optional[List[int]] = None
-    # Train the teacher on the labeled part of a transfer set only (dataset.label_fraction < 1),
-    # as in data distillation; false: on every training label. Part of the cache key when true.
-    labeled_only: bool = False
+    # Train the teacher on the labeled part of a transfer set only (dataset.label_fraction < 1);
+    # false: on every training label. Part of the cache key when true. null: the method's default
+    # (kdexp.engine.plan): true for methods that learn from the unlabeled samples (data_distill), so
+    # the teacher never sees the labels hidden from the student; false for the others (Hinton et
+    # al.'s transfer set). false with such a method is an oracle teacher, and the run warns.
+    labeled_only: Optional[bool] = None
 
 
 @dataclass
@@ -435,7 +439,12 @@ def validate(cfg) -> None:
     validate_domain(cfg.get("domain"))
     m = cfg.method
     _check(m.temperature > 0, "method.temperature", m.temperature, "must be > 0")
-    _check(0.0 <= m.alpha <= 1.0, "method.alpha", m.alpha, "must be in [0, 1]")
+    _check(m.alpha >= 0, "method.alpha", m.alpha, "must be >= 0")
+    # alpha is a free weight (dkd, dist, cqd; kd with w_ce=0.1 and alpha=9 as in the logit-standardization
+    # paper) except where CE's weight is derived from it: w_ce null -> 1 - alpha, which must stay >= 0
+    _check(m.alpha <= 1.0 or m.w_ce is not None, "method.alpha", m.alpha,
+           "must be <= 1 while method.w_ce is null (w_ce = 1 - alpha must stay >= 0); set method.w_ce "
+           "explicitly (e.g. method.w_ce=1.0) to weigh the KD term by alpha > 1")
     _check(m.beta >= 0, "method.beta", m.beta, "must be >= 0")
     if m.w_ce is not None:
         _check(m.w_ce >= 0, "method.w_ce", m.w_ce, "must be >= 0 (or null for 1 - alpha)")

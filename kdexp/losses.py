@@ -333,9 +333,15 @@ def at_loss(student_features: torch.Tensor, teacher_features: torch.Tensor, p: f
     """Attention transfer for one layer pair of equal H x W:
     mean_b || Q_s/||Q_s||_2 - Q_t/||Q_t||_2 ||_2 with Q = sum_c |A_c|^p.
 
-    Convention: the paper's unsquared L2 distance of the normalized maps averaged over the
-    batch (the authors' code uses the mean of squared differences instead). The paper's
-    per-layer weight beta/2 divided by the map size H*W is applied by the `at` method."""
+    Convention: the paper's unsquared L2 distance d_b of the normalized maps averaged over the
+    batch. The authors' code (szagoruyko/attention-transfer `at_loss`, also RepDistiller) takes
+    the mean of the squared differences over the batch and the H*W positions, sum_b d_b^2 / (B H W),
+    so this value is H*W * mean_b(d_b) / mean_b(d_b^2) times theirs. The paper's per-layer weight
+    beta/2 divided by the map size H*W is applied by the `at` method, which cancels the H*W: its
+    term is mean_b(d_b) / (2 mean_b(d_b^2)) times the authors' at the same beta and inputs, for any
+    H*W and B (1/(2d) when every d_b = d; at least 1/(2 sqrt 2), since d_b <= sqrt 2 for these
+    non-negative maps; unbounded as the maps converge), and its gradient for sample b is 1/(4 d_b)
+    times theirs (larger while d_b < 1/4)."""
     return (attention_map(student_features, p) - attention_map(teacher_features, p)).norm(dim=1).mean()
 
 
@@ -361,8 +367,14 @@ def ab_loss(student_connected: torch.Tensor, teacher_preact: torch.Tensor, margi
     if s > -m; s is the connector's output on the student's pre-activation, m the margin.
 
     Convention: averaged over all neurons and samples (the paper sums over neurons per sample,
-    i.e. C*H*W times this; the authors' code scales that sum by 3/1000): a layer-size-free scale
-    that lets one initialization learning rate fit every architecture."""
+    i.e. N = C*H*W times this): a layer-size-free scale that lets one initialization learning
+    rate fit every architecture. The authors' code (bhheo/AB_distillation) sums each layer over
+    its neurons, averages over the batch, weighs layer l of n by 2^(l-n+1) and scales the total by
+    3/1000: its layer l is 3 N_l / 1000 times the `ab` method's (which keeps the 2^(l-n+1) weights
+    on these means). The layers' relative weights therefore differ by their sizes: with the
+    authors' WRN teacher on CIFAR (N_l halving from layer to layer) their code weighs the three
+    layers' per-neuron means equally (each by 3 * 2^(l-n+1) N_l / 1000 = 49.152), kdexp by 1/4,
+    1/2, 1."""
     s, active = student_connected, teacher_preact > 0
     loss = torch.where(active, (s - margin).pow(2) * (s < margin), (s + margin).pow(2) * (s > -margin))
     return loss.mean()

@@ -82,13 +82,14 @@ def plan(cfg, overrides=()) -> RunPlan:
                           f"methods that start from its weights take that (finetune, progressive), method={p.name} "
                           f"compares its outputs class by class")
     p.teachers, p.ensemble = _teacher_recipes(cfg, requires)
+    p.teachers, label_warnings = _resolve_labeled_only(p)
     p.cache = _cache_policy(cfg, requires)
     signature = dataset_signature(cfg.dataset, cfg.get("domain"))
     p.in_shape, p.num_classes = signature.in_shape, signature.num_classes
     _check_models(p)
     student = _dry_build(p) if p.in_shape is not None and p.num_classes is not None else None
     p.fuse_reason = fuse_reason(cfg, requires, student)
-    p.warnings = _warnings(cfg, method_cls, overrides)
+    p.warnings = _warnings(cfg, method_cls, overrides) + label_warnings
     return p
 
 
@@ -209,6 +210,28 @@ def _teacher_recipes(cfg, requires: Requirements) -> Tuple[List[DictConfig], boo
     if members:
         return resolve_teachers(members), True
     return [cfg.teacher], False
+
+
+def _resolve_labeled_only(p: RunPlan) -> Tuple[List[DictConfig], List[str]]:
+    """teacher.labeled_only null -> the method's default: true for a method that learns from the
+    unlabeled part of a transfer set (requirements labels="partial", e.g. data_distill's
+    pseudo-labels), whose teacher must not learn the labels hidden from the student; false for the
+    others (Hinton et al.'s transfer set: the teacher was trained on every label). -> (the recipes,
+    copies where resolved; a warning per recipe set explicitly to false for such a method)."""
+    fraction = p.cfg.dataset.get("label_fraction", 1.0)
+    hides = p.requires.labels == "partial" and fraction < 1.0
+    out, warnings = [], []
+    for key, recipe in zip(_teacher_keys(p), p.teachers):
+        if recipe.get("labeled_only") is None:
+            recipe = recipe.copy()
+            recipe.labeled_only = hides
+        elif hides and not recipe.labeled_only and not recipe.get("checkpoint"):
+            warnings.append(f"{key}.labeled_only=false: the teacher of method={p.name} is trained on every training "
+                            f"label, including the {1 - fraction:.0%} that dataset.label_fraction={fraction} hides "
+                            f"from the student (an oracle teacher: its pseudo-labels carry the hidden labels); the "
+                            f"default (null) trains it on the labeled part alone")
+        out.append(recipe)
+    return out, warnings
 
 
 def student_teacher_config(cfg) -> DictConfig:

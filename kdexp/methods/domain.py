@@ -23,7 +23,7 @@ from kdexp.losses import (dann_lambda, domain_classification_loss, gradient_reve
                           ts_adapt_loss)
 from kdexp.methods.base import Method, MethodConfig, Requirements, register_method
 from kdexp.methods.transfer import _embedding_layer, freeze, load_teacher_weights
-from kdexp.models.taps import run_with_features
+from kdexp.models.taps import probing, run_with_features
 
 log = logging.getLogger(__name__)
 MATCHES = ("logits", "soft")
@@ -228,7 +228,7 @@ class DANN(Method):
         return self.cfg.lambda_max * dann_lambda(self.progress, self.cfg.gamma)
 
     def prepare(self, data, device):
-        with torch.no_grad():
+        with probing(self):  # materializes the discriminator; the student's BatchNorm statistics stay untouched
             _, feats = run_with_features(self.student, data.x_train[:2], [self.layer], "student")
             self.discriminator(feats[self.layer])
 

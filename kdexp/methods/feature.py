@@ -201,7 +201,10 @@ class AT(FeatureMethod):
     of the normalized spatial attention maps sum_c |A_c|^p; term = sum_l at_loss_l / (2 H_l W_l),
     times beta: the paper's 'beta/2 with beta = 1000 divided by the number of elements in the
     attention map and the batch size' (the batch mean is in at_loss). Maps of different sizes
-    are matched by average-pooling the larger one."""
+    are matched by average-pooling the larger one. Convention (see `kdexp.losses.at_loss`): the
+    paper's unsquared distance d_b, where the authors' code takes the mean of d_b^2 over B*H*W
+    with the same beta: this term is mean_b(d_b) / (2 mean_b(d_b^2)) times theirs per layer, for
+    any H*W and batch size (1/(2d) for equal distances), its gradient 1/(4 d_b) times theirs."""
     requires = Requirements(features="maps")
     term = "at"
 
@@ -247,9 +250,11 @@ class AB(FeatureMethod):
     """Activation-boundary transfer (Heo et al. AAAI 2019): connectors (1x1 conv + BN; none when
     the shapes match) map the student's pre-activations onto the teacher's at every stage end;
     the alternative squared-hinge loss (margin 1) teaches the student where the teacher's
-    neurons are active. Layer l of n weighs 2^(l-n+1) (the authors' code). `prepare` runs the
-    initialization stage (AB loss only: student + connectors, init_epochs); the main stage is
-    CE (+ KD) (+ beta * AB)."""
+    neurons are active. Layer l of n weighs 2^(l-n+1) (the authors' code) on the per-element mean
+    of its loss, where the authors' code weighs per-layer sums over the N_l = C*H*W neurons (times
+    3/1000): their layer l is 3 N_l / 1000 times this one (`kdexp.losses.ab_loss`), so layers of
+    different sizes weigh differently relative to each other. `prepare` runs the initialization
+    stage (AB loss only: student + connectors, init_epochs); the main stage is CE (+ KD) (+ beta * AB)."""
     role = "preact"
     term = "ab"
 

@@ -1,6 +1,5 @@
 """Deep mutual learning (Zhang et al. CVPR 2018, arXiv 1706.00384): a cohort of peer students
 trained together, each on CE + KL to the others; no pretrained teacher."""
-import copy
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -9,6 +8,7 @@ import torch.nn as nn
 from kdexp.errors import ConfigError
 from kdexp.losses import mutual_kl_loss
 from kdexp.methods.base import Method, Requirements, SofteningConfig, register_method
+from kdexp.models.registry import rebuild
 
 
 @dataclass
@@ -20,28 +20,23 @@ class DMLConfig(SofteningConfig):
     peers: int = 2  # cohort size, the student included
 
 
-def _reinitialize(model: nn.Module) -> nn.Module:
-    for m in model.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-    return model
-
-
 @register_method("dml", config=DMLConfig)
 class DML(Method):
     """Each peer k minimizes w_ce * CE_k + alpha * 1/(K-1) * sum_{l != k} T^2 * KL(p_l || p_k);
     all peers step together, each treating the others' predictions as fixed targets
-    (`kdexp.losses.mutual_kl_loss`). The peers are copies of the student's architecture with
-    their own initialization; the student is peer 0 (val/acc) and the others are evaluated
-    every epoch as val/acc_peer1, val/acc_peer2, ... Logged terms sum over the peers."""
+    (`kdexp.losses.mutual_kl_loss`). The peers are new instances of the student's architecture
+    (`kdexp.models.rebuild`: its builder, arch and args again), so they are initialized as the
+    architecture initializes itself, each with its own draw; the student is peer 0 (val/acc) and
+    the others are evaluated every epoch as val/acc_peer1, val/acc_peer2, ... Logged terms sum
+    over the peers."""
     requires = Requirements(teacher="none", ignores=("beta",))
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)
         if cfg.peers < 2:
             raise ConfigError(f"method.peers={cfg.peers} is out of range: mutual learning needs >= 2")
-        # Initialized from the global RNG right after the student, so the cohort is deterministic.
-        self.peers = nn.ModuleList(_reinitialize(copy.deepcopy(student)) for _ in range(cfg.peers - 1))
+        # Built from the global RNG right after the student, so the cohort is deterministic.
+        self.peers = nn.ModuleList(rebuild(student, "method=dml (its peers)") for _ in range(cfg.peers - 1))
 
     def cohort(self):
         return [self.student, *self.peers]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from kdexp.errors import ConfigError
 from kdexp.losses import l2_loss, l2sp_loss
 from kdexp.methods.base import Batch, Method, MethodConfig, Requirements, register_method, UNLABELED
-from kdexp.models.taps import default_layers, run_with_features
+from kdexp.models.taps import default_layers, probing, run_with_features
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,9 @@ class Multitask(Method):
             if len(mapping) != data.num_classes:
                 raise ConfigError(f"method.tasks {name!r} maps {len(mapping)} classes but the dataset has "
                                   f"{data.num_classes} (after dataset.classes); give one entry per class")
-        with torch.no_grad():  # materialize the heads (their input size is the trunk's output)
+        # materialize the heads (their input size is the trunk's output), leaving the trunk's
+        # BatchNorm statistics untouched
+        with probing(self):
             self._forward(data.x_train[:2])
 
     def _forward(self, x):
@@ -362,8 +364,9 @@ class DataDistill(Method):
     `transforms`; the argmax becomes a hard pseudo-label where its averaged probability reaches
     `threshold`. The student trains with CE on the union of the labeled and pseudo-labeled
     samples (one mean). The hidden labels are used only to log the pseudo-labels' accuracy
-    (train/pseudo_label_acc), never for training. Pair with teacher.labeled_only=true so the
-    teacher learns from the labeled part alone, as in the paper."""
+    (train/pseudo_label_acc), never for training. The teacher learns from the labeled part alone,
+    as in the paper: teacher.labeled_only defaults to true for this method (kdexp.engine.plan);
+    teacher.labeled_only=false gives an oracle teacher that saw the hidden labels (the run warns)."""
     requires = Requirements(labels="partial", ignores=("temperature", "alpha", "beta"))
 
     def __init__(self, cfg, student, teacher):

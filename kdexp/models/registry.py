@@ -12,7 +12,9 @@ import difflib
 import hashlib
 import importlib
 import inspect
-from typing import Callable, List, Optional, Tuple
+import itertools
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -151,15 +153,49 @@ def _call(arch: str, fn: Callable, in_shape: Tuple[int, ...], num_classes: int, 
     return fn(**given, **args)
 
 
+@dataclass(frozen=True)
+class BuildSpec:
+    """How `get_model` built a model: enough to build another instance of it (`rebuild`)."""
+    arch: str
+    in_shape: Tuple[int, ...]
+    num_classes: int
+    args: Dict[str, Any]
+
+
+BUILD_SPEC = "_kdexp_build"  # the attribute of a built model that holds its BuildSpec
+
+
 def get_model(name: str, in_shape: Tuple[int, ...], num_classes: int, **args) -> nn.Module:
     """Build model `name` (registered, zoo or import path); unknown keyword arguments fail naming the
-    valid ones, and a callable that returns no nn.Module fails naming what it returned."""
+    valid ones, and a callable that returns no nn.Module fails naming what it returned. The model
+    records how it was built (its BuildSpec), so that `rebuild` can make fresh instances of it."""
     check_model_args(name, args)
     model = _call(name, resolve_builder(name), tuple(in_shape), num_classes, args)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"arch {name!r} returned a {type(model).__name__}, not an nn.Module: it must be an nn.Module "
                           f"class or a function that returns one")
+    setattr(model, BUILD_SPEC, BuildSpec(name, tuple(in_shape), num_classes, dict(args)))
     return model
+
+
+def rebuild(model: nn.Module, what: str = "model") -> nn.Module:
+    """A new instance of `model`'s architecture, built again by its builder with the arch, in_shape,
+    num_classes and args `get_model` built it with, so it is initialized as the architecture
+    initializes itself (its own init code, e.g. kaiming for the CIFAR ResNets; a builder that loads
+    pretrained weights loads them again), drawing from the global RNG now. It goes to the device of
+    `model`'s first parameter (or buffer). A model that `get_model` did not build (a deepcopy of one
+    is fine) has no recipe to rebuild from: a ConfigError naming `what`."""
+    spec = getattr(model, BUILD_SPEC, None)
+    if not isinstance(spec, BuildSpec):
+        raise ConfigError(f"{what}: {type(model).__name__} was not built by kdexp.models.get_model, so a fresh "
+                          f"instance of its architecture cannot be built; build it with get_model(arch, in_shape, "
+                          f"num_classes, **args) (arch: a registered name or an import path package.module:Callable)")
+    fresh = get_model(spec.arch, spec.in_shape, spec.num_classes, **spec.args)
+    if fresh is model:
+        raise ConfigError(f"{what}: arch {spec.arch!r} returned the same module instance again; its builder must "
+                          f"construct a new model on every call")
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return fresh.to(tensor.device) if tensor is not None else fresh
 
 
 def skeleton(name: str, in_shape: Tuple[int, ...], num_classes: int, **args) -> nn.Module:

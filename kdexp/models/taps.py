@@ -17,6 +17,7 @@ Builders of registered models attach default layers per role (`set_feature_layer
 activation), `embedding` (the penultimate feature vector). Methods use them when their
 `student_layers` / `teacher_layers` config is null.
 """
+import contextlib
 import itertools
 from collections import OrderedDict
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -99,12 +100,27 @@ def _device(model: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
-@torch.no_grad()
-def _probe(model: nn.Module, in_shape: Tuple[int, ...], specs: Optional[Sequence[str]] = None):
-    """Run a zero batch of 2 through `model` in eval mode (restoring its mode)."""
-    was_training = model.training
-    model.eval()
+@contextlib.contextmanager
+def probing(*models: nn.Module):
+    """For a forward that only learns shapes or materializes lazy layers (at build time, in a
+    method's `prepare`): no gradients, and every module of `models` in eval mode, so that
+    BatchNorm's running statistics and num_batches_tracked stay as they were and dropout draws no
+    random numbers. Each module's own training flag is restored afterwards (a submodule kept in
+    eval mode stays in it)."""
+    flags = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
     try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _probe(model: nn.Module, in_shape: Tuple[int, ...], specs: Optional[Sequence[str]] = None):
+    """Run a zero batch of 2 through `model` (`probing`: eval mode, restored afterwards)."""
+    with probing(model):
         x = torch.zeros(2, *in_shape, device=_device(model))
         if specs is not None:
             return run_with_features(model, x, specs)[1]
@@ -125,8 +141,6 @@ def _probe(model: nn.Module, in_shape: Tuple[int, ...], specs: Optional[Sequence
             for h in handles:
                 h.remove()
         return shapes
-    finally:
-        model.train(was_training)
 
 
 def list_features(model: nn.Module, in_shape: Iterable[int]) -> "OrderedDict[str, Tuple[int, ...]]":
