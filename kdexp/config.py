@@ -153,6 +153,16 @@ class HardwareConfig:
 
 
 @dataclass
+class BornAgainConfig:
+    """Born-again networks (Furlanello et al., ICML 2018; kdexp.engine.born_again): generation 0
+    learns from labels (method=ce), generation k = 1..K is a student of the same architecture
+    distilled (the configured method) from generation k-1; then the ensemble of generations
+    ensemble_from..K (their averaged softmax) is evaluated."""
+    generations: Optional[int] = None  # K >= 1: the born-again students after generation 0; null: no born-again
+    ensemble_from: int = 1  # first generation in the ensemble: 1 = the students 1..K (the paper's BANE), 0 adds generation 0
+
+
+@dataclass
 class Config:
     dataset: Any = MISSING
     # Typed (not Any): an option file without `defaults: [/schema/...]` (a user's student/tiny.yaml on
@@ -182,6 +192,9 @@ class Config:
     # A multi-stage pipeline (kdexp.engine.chain, e.g. experiment=takd): stages {name, overrides: [...],
     # teacher: EARLIER_STAGE}, each a normal run under this run's directory. []: one run.
     chain: List[Any] = field(default_factory=list)
+    # Born-again networks (experiment=born_again, or born_again.generations=K on any config): K+1
+    # generations of one architecture, each the next one's teacher, expanded into a chain.
+    born_again: BornAgainConfig = field(default_factory=BornAgainConfig)
 
 
 # Datasets with a schema of their own (conf/dataset/<name>.yaml extends /schema/dataset/<name>);

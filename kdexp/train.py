@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from kdexp import config_dir
 from kdexp.config import register_configs
+from kdexp.engine.born_again import run_born_again
 from kdexp.engine.chain import run_chain
 from kdexp.engine.lifecycle import run as run_one
 from kdexp.engine.record import describe
@@ -29,7 +30,10 @@ __all__ = ["main", "run", "cli"]
 
 def run(cfg, run_dir: str, overrides=()) -> float:
     """One experiment in `run_dir` (kdexp.engine.lifecycle.run), or the stages of its `chain`, each in
-    a directory of its own under `run_dir` (kdexp.engine.chain); -> the (last) final val/acc."""
+    a directory of its own under `run_dir` (kdexp.engine.chain), or the generations of `born_again`
+    (a chain, kdexp.engine.born_again); -> the (last) final val/acc."""
+    if cfg.get("born_again") and cfg.born_again.generations is not None:
+        return run_born_again(cfg, run_dir, overrides)
     return run_chain(cfg, run_dir, overrides) if cfg.get("chain") else run_one(cfg, run_dir, overrides)
 
 

@@ -9,7 +9,8 @@ chain (Mirzadeh et al. AAAI 2020) is the preset experiment=takd:
     python -m kdexp.train experiment=takd
 
 Each stage is resumable and skipped when done, like any run, so rerunning a chain continues it.
-Returns the last stage's val/acc."""
+Returns the last stage's val/acc. Born-again networks (kdexp.engine.born_again) are a chain
+generated from `born_again.generations`, run by `run_stages`."""
 import logging
 import os
 from typing import Dict, List
@@ -58,10 +59,10 @@ def _compose(overrides: List[str]):
 
 
 def stage_config(stage: Dict, overrides: List[str], dirs: Dict[str, str], students: Dict[str, Dict]):
-    """The stage's run config: the command's overrides, the stage's, no chain; its teacher an earlier
-    stage's run when it names one."""
+    """The stage's run config: the command's overrides, the stage's, no chain (nor born-again
+    generations, which expand into one); its teacher an earlier stage's run when it names one."""
     keep = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~").startswith(("hydra.", "chain"))]
-    cfg = _compose(keep + stage["overrides"] + ["chain=[]"])
+    cfg = _compose(keep + stage["overrides"] + ["chain=[]", "born_again.generations=null"])
     if stage["teacher"] is not None:
         student = students[stage["teacher"]]
         with open_dict(cfg):
@@ -74,11 +75,17 @@ def stage_config(stage: Dict, overrides: List[str], dirs: Dict[str, str], studen
 def run_chain(cfg, run_dir: str, overrides=()) -> float:
     """Run the stages of cfg.chain in order under `run_dir`; -> the last stage's final val/acc. Each
     stage is composed anew from `overrides` (those that composed `cfg`, as Hydra's main passes them)."""
-    stages = parse_chain(cfg.chain)
+    results = run_stages(parse_chain(cfg.chain), run_dir, overrides)
+    return results[-1]["val/acc"] if results else float("nan")
+
+
+def run_stages(stages: List[Dict], run_dir: str, overrides=()) -> List[Dict]:
+    """Run parsed `stages` in order, stage k in <run_dir>/<k>_<name>; -> one result per stage
+    {name, run_dir, method, student, seed, teacher, val/acc}, also written to <run_dir>/chain.json
+    after each stage."""
     dirs: Dict[str, str] = {}
     students: Dict[str, Dict] = {}
     results = []
-    value = float("nan")
     for k, stage in enumerate(stages):
         stage_cfg = stage_config(stage, list(overrides), dirs, students)
         stage_dir = os.path.join(run_dir, f"{k}_{stage['name']}")
@@ -89,6 +96,7 @@ def run_chain(cfg, run_dir: str, overrides=()) -> float:
         dirs[stage["name"]] = stage_dir
         students[stage["name"]] = OmegaConf.to_container(stage_cfg.student, resolve=True)
         results.append({"name": stage["name"], "run_dir": stage_dir, "method": stage_cfg.method.name,
-                        "student": students[stage["name"]]["arch"], "teacher": stage["teacher"], "val/acc": value})
+                        "student": students[stage["name"]]["arch"], "seed": stage_cfg.seed,
+                        "teacher": stage["teacher"], "val/acc": value})
         atomic_json_dump({"stages": results}, os.path.join(run_dir, "chain.json"))
-    return value
+    return results

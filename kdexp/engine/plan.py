@@ -160,6 +160,8 @@ def _cache_policy(cfg, requires: Requirements) -> CachePolicy:
 def fuse_reason(cfg, requires: Requirements, student: Optional[nn.Module] = None) -> Optional[str]:
     """Why runs of this config cannot be fused (from the config and the student's skeleton), or None."""
     name = cfg.method.name
+    if cfg.get("chain") or cfg.get("born_again", {}).get("generations") is not None:
+        return "a chain (or born_again): its stages run one after the other, each as a separate run"
     if not requires.fusable:
         return f"method={name} (fused sweeps train methods whose requirements say fusable: ce and kd)"
     domain = cfg.get("domain")
