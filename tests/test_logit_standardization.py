@@ -136,3 +136,17 @@ def test_lskd_is_kd_with_the_papers_weights_and_never_fuses(compose_cfg):
 def test_methods_without_soft_terms_reject_the_key(compose_cfg):
     with pytest.raises(Exception, match="logit_standardize"):
         compose_cfg("method=ce", "method.logit_standardize=true")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["cifar100_resnet32x4_resnet8x4", "cifar100_wrn_40_2_wrn_16_2",
+                                    "cifar100_resnet56_resnet20", "cifar100_vgg13_vgg8"])
+@pytest.mark.parametrize("extra", [["method=lskd"], ["method=dkd", "method.logit_standardize=true"]])
+def test_standardized_methods_run_two_steps_on_every_cifar_pair(tmp_path, preset, extra):
+    import json
+    from kdexp.train import run
+    cfg = composer(tmp_path)(f"experiment={preset}", "dataset=fake", "epochs=1", "teacher.epochs=1", "progress=false",
+                             *extra)
+    run(cfg, str(tmp_path / "run"))
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["status"] == "done" and m["plan"]["fusable"] is False
