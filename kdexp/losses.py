@@ -664,3 +664,69 @@ def domain_classification_loss(source_logits: torch.Tensor, target_logits: torch
     (sum softplus(d_s) + sum softplus(-d_t)) / (B_s + B_t)."""
     s, t = source_logits.reshape(-1), target_logits.reshape(-1)
     return (F.softplus(s).sum() + F.softplus(-t).sum()) / (len(s) + len(t))
+
+
+# ---- review and overhaul feature distillation: ReviewKD's HCL, OFD's margin and partial L2 (helper reviewkd-ofd)
+
+def hcl_loss(student_fused: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor],
+             levels: Sequence[int] = (4, 2, 1)) -> torch.Tensor:
+    """ReviewKD's hierarchical context loss (Chen et al. CVPR 2021, arXiv 2104.09044): for each pair
+    of equally shaped maps (B, C, H, W), the element-mean MSE at full resolution plus the MSE of both
+    maps adaptive-average-pooled to l x l for each l of `levels` smaller than the map, weighted
+    1, 1/2, 1/4, ... in the order used and divided by the sum of the weights used; summed over pairs.
+
+    Convention: as the authors' code (`hcl`, also mdistiller's): a level l counts when l < H (their
+    maps are square; here l < min(H, W)), so a 1x1 map (the pooled embedding) is a plain MSE and
+    an 8x8 map gets (mse + mse_4/2 + mse_2/4 + mse_1/8) / (1 + 1/2 + 1/4 + 1/8)."""
+    if len(student_fused) != len(teacher_features) or not student_fused:
+        raise ValueError(f"hcl_loss needs two equally long, non-empty lists of maps (got {len(student_fused)} "
+                         f"and {len(teacher_features)})")
+    total = 0.0
+    for fs, ft in zip(student_fused, teacher_features):
+        if fs.shape != ft.shape or fs.dim() != 4:
+            raise ValueError(f"hcl_loss compares (B,C,H,W) maps of one shape; got {tuple(fs.shape)} and "
+                             f"{tuple(ft.shape)}")
+        loss, weight, weights = F.mse_loss(fs, ft), 1.0, 1.0
+        for level in levels:
+            if level >= min(fs.shape[-2:]):
+                continue
+            weight /= 2.0
+            loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(fs, level), F.adaptive_avg_pool2d(ft, level))
+            weights += weight
+        total = total + loss / weights
+    return total
+
+
+def ofd_margin(bn_mean: torch.Tensor, bn_std: torch.Tensor, min_prob: float = 1e-3) -> torch.Tensor:
+    """OFD's per-channel margin (Heo et al. ICCV 2019, arXiv 1904.01866): the expected value of the
+    negative responses of a pre-ReLU feature distributed as N(mean, std^2) per channel,
+    E[x | x < 0] = mean - std * phi(mean/std) / Phi(-mean/std). Shapes (C,), (C,) -> (C,).
+
+    `mean`/`std` are the teacher BatchNorm's bias and |weight| (its output is gamma * x_hat + beta
+    with x_hat ~ N(0, 1)), as in the authors' `get_margin_from_BN`. Where P(x < 0) <= `min_prob`
+    (0.001 in their code) the margin is -3 std, as theirs. Computed in float64 with log Phi for
+    stability, returned in the input's dtype."""
+    mean, std = bn_mean.double(), bn_std.double().abs().clamp_min(1e-12)
+    a = mean / std
+    log_neg = torch.special.log_ndtr(-a)  # log P(x < 0)
+    log_pdf = -0.5 * a * a - 0.5 * math.log(2 * math.pi)
+    margin = mean - std * torch.exp(log_pdf - log_neg)
+    return torch.where(log_neg > math.log(min_prob), margin, -3.0 * std).to(bn_mean.dtype)
+
+
+def ofd_partial_l2(student_features: torch.Tensor, teacher_features: torch.Tensor,
+                   margin: torch.Tensor) -> torch.Tensor:
+    """OFD's partial L2 distance: the teacher's pre-ReLU feature t is raised to the margin m of its
+    channel (t' = max(t, m)); the squared difference (s - t')^2 counts where s > t' or t' > 0, i.e.
+    nowhere the student is already at or below a teacher response that the ReLU discards.
+    Shapes: (B, C, ...) features, margin (C,) -> scalar.
+
+    Convention: summed over all elements and divided by the batch size, as the authors' code
+    (`loss.sum()`, then `/ batch_size / 1000` in training: kdexp's ofd puts that 1/1000 in beta)."""
+    if margin.numel() != student_features.shape[1]:
+        raise ValueError(f"ofd_partial_l2: margin has {margin.numel()} channels, the features "
+                         f"{student_features.shape[1]}")
+    m = margin.reshape(1, -1, *([1] * (student_features.dim() - 2)))
+    target = torch.maximum(teacher_features, m)
+    keep = (student_features > target) | (target > 0)
+    return ((student_features - target).pow(2) * keep).sum() / student_features.shape[0]

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from omegaconf import MISSING
 
+from kdexp.errors import ConfigError
 from kdexp.losses import ce_loss, standardize_logits
 from kdexp.registry import Registry
 
@@ -163,6 +164,30 @@ def get_method(name: str, key: str = ""):
 
 def requirements(name: str) -> Requirements:
     return METHODS.meta(name)["requires"]
+
+
+# ---- linear warm-up of a method's terms (DKD, ReviewKD): config key method.warmup_epochs
+
+def warmup_ramp(epoch: int, warmup_epochs: int) -> float:
+    """The weight min((epoch + 1) / warmup_epochs, 1) of a warmed-up term at the 0-based `epoch`:
+    epochs count from 1 as in mdistiller's trainer (the first epoch already has 1 / warmup_epochs);
+    1 when warmup_epochs is 0 (no warm-up)."""
+    return 1.0 if warmup_epochs <= 0 else min((epoch + 1) / warmup_epochs, 1.0)
+
+
+def check_warmup(cfg) -> None:
+    """method.warmup_epochs must be >= 0 (0: no warm-up)."""
+    if cfg.warmup_epochs < 0:
+        raise ConfigError(f"method.warmup_epochs={cfg.warmup_epochs} is out of range: must be >= 0")
+
+
+def warmup_warnings(run_cfg, terms: str) -> List[str]:
+    """A warm-up longer than the run (`run_cfg`: the whole run config; `terms` names what ramps up)."""
+    w = run_cfg.method.warmup_epochs
+    if w > run_cfg.epochs:
+        return [f"method.warmup_epochs={w} is longer than the run (epochs={run_cfg.epochs}): {terms} never reach "
+                f"their full weight (at most {run_cfg.epochs}/{w}); set method.warmup_epochs <= epochs"]
+    return []
 
 
 class Method(nn.Module, abc.ABC):

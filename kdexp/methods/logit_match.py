@@ -10,9 +10,9 @@ from typing import Optional
 
 import torch
 
-from kdexp.errors import ConfigError
 from kdexp.losses import dist_terms, dkd_terms, logit_mse_loss
-from kdexp.methods.base import Method, MethodConfig, Requirements, SofteningConfig, UNLABELED, register_method
+from kdexp.methods.base import (Method, MethodConfig, Requirements, SofteningConfig, UNLABELED, check_warmup,
+                                register_method, warmup_ramp, warmup_warnings)
 
 
 @dataclass
@@ -58,20 +58,14 @@ class DKD(Method):
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)
-        if cfg.warmup_epochs < 0:
-            raise ConfigError(f"method.warmup_epochs={cfg.warmup_epochs} is out of range: must be >= 0")
+        check_warmup(cfg)
 
     @classmethod
     def config_warnings(cls, cfg):
-        w = cfg.method.warmup_epochs
-        if w > cfg.epochs:
-            return [f"method.warmup_epochs={w} is longer than the run (epochs={cfg.epochs}): the DKD terms never reach "
-                    f"their full weight (at most {cfg.epochs}/{w}); set method.warmup_epochs <= epochs"]
-        return []
+        return warmup_warnings(cfg, "the DKD terms")
 
     def warmup_factor(self) -> float:
-        w = self.cfg.warmup_epochs
-        return 1.0 if w <= 0 else min((self.epoch + 1) / w, 1.0)
+        return warmup_ramp(self.epoch, self.cfg.warmup_epochs)
 
     def losses(self, batch):
         s = self.student(batch.x)

@@ -11,6 +11,7 @@ Captured values are clones, so a later in-place op of the model cannot change th
         logits = model(x)
     feats["layer1"]                                  # (B, C, H, W), differentiable
     list_features(model, (3, 32, 32))                # {name: output shape} of every module
+    producing_batchnorms(model, ["layer1.2.out_relu:in"], (3, 32, 32))  # ["layer1.2.bn2"]: the BN behind a tap
 
 Builders of registered models attach default layers per role (`set_feature_layers`): `stem`,
 `stages` (the end of each stage, post-activation), `preact` (the same, before the final
@@ -19,7 +20,7 @@ activation), `embedding` (the penultimate feature vector). Methods use them when
 """
 import contextlib
 import itertools
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -194,3 +195,56 @@ def default_layers(model: nn.Module, role: str, what: str = "model") -> List[str
                           f"them in the method config (student_layers / teacher_layers). List the candidates "
                           f"with kdexp.models.taps.list_features(model, in_shape).")
     return [value] if isinstance(value, str) else list(value)
+
+
+# Autograd nodes a tapped value may pass through on its way from a BatchNorm's output: the tap's
+# own clone, views, and additions (a residual block's `branch + shortcut`).
+_NORM_PASS_THROUGH = ("Add", "Clone", "View", "UnsafeView", "ReshapeAlias", "Alias")
+
+
+def _norm_reached(node, norms: Dict[object, str]) -> Optional[str]:
+    """The BatchNorm (name) whose output autograd node `node` is, or leads to through pass-through
+    nodes only: the nearest one (breadth first), the first operand's on a tie."""
+    queue, seen = deque([node]), set()
+    while queue:
+        node = queue.popleft()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in norms:
+            return norms[node]
+        if type(node).__name__.rstrip("0123456789").removesuffix("Backward") in _NORM_PASS_THROUGH:
+            queue.extend(nxt for nxt, _ in node.next_functions)
+    return None
+
+
+def producing_batchnorms(model: nn.Module, specs: Sequence[str], in_shape: Iterable[int],
+                         what: str = "model") -> List[Optional[str]]:
+    """For each tap, the name of the BatchNorm module that produces the tapped value: the value is
+    that module's output, or a sum of it and other terms (e.g. a residual block's pre-activation
+    `bn2(conv2(.)) + shortcut`): the nearest BatchNorm output, counted in additions, and of equally
+    near ones the first operand's (`branch + shortcut`: the branch's, as mdistiller's
+    `get_bn_before_relu` for ResNets; `x + branch(x)`: the branch's, one addition nearer).
+    None where no BatchNorm output reaches the tap through additions. Found by following the
+    autograd graph of one probe forward (eval mode, zero input), so any model works as is."""
+    norms: Dict[object, str] = {}  # autograd node of a BatchNorm's output -> module name
+
+    def record(name):
+        def hook(mod, inputs, output):
+            if isinstance(output, torch.Tensor) and output.grad_fn is not None:
+                norms[output.grad_fn] = name
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            x = torch.zeros(2, *tuple(in_shape), device=_device(model), requires_grad=True)
+            _, values = run_with_features(model, x, specs, what)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return [_norm_reached(values[s].grad_fn, norms) for s in specs]
