@@ -6,4 +6,5 @@ from kdexp.methods.base import (METHODS, UNLABELED, Batch, Method, MethodConfig,
                                 Stage, get_method, list_methods, register_method, requirements)
 from kdexp.methods import logit, logit_match, teacher_free, mutual, ensemble  # noqa: E402,F401  (logit-level)
 from kdexp.methods import feature, relation, gradient  # noqa: E402,F401  (feature- and relation-based)
+from kdexp.methods import srd, ickd, cwd, mgd  # noqa: E402,F401  (classifier-, channel- and mask-based feature)
 from kdexp.methods import transfer, domain  # noqa: E402,F401  (transfer learning, domain adaptation)
