@@ -666,7 +666,7 @@ def domain_classification_loss(source_logits: torch.Tensor, target_logits: torch
     return (F.softplus(s).sum() + F.softplus(-t).sum()) / (len(s) + len(t))
 
 
-# ---- review and overhaul feature distillation: ReviewKD's HCL, OFD's margin and partial L2 (helper reviewkd-ofd)
+# ---- review and overhaul feature distillation: ReviewKD's HCL, OFD's margin and partial L2
 
 def hcl_loss(student_fused: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor],
              levels: Sequence[int] = (4, 2, 1)) -> torch.Tensor:
@@ -730,3 +730,90 @@ def ofd_partial_l2(student_features: torch.Tensor, teacher_features: torch.Tenso
     target = torch.maximum(teacher_features, m)
     keep = (student_features > target) | (target > 0)
     return ((student_features - target).pow(2) * keep).sum() / student_features.shape[0]
+
+
+# ---- channel- and head-level feature distillation: SRD, ICKD, CWD, MGD
+# Shapes as in the feature block above. The connectors, the teacher's classifier (SRD), the random
+# mask and the generation block (MGD) belong to the methods (kdexp/methods/srd.py, ickd.py, cwd.py,
+# mgd.py); these functions only compare tensors.
+
+
+def srd_terms(student_feature: torch.Tensor, teacher_feature: torch.Tensor, student_head_logits: torch.Tensor,
+              teacher_logits: torch.Tensor, sr_loss: str = "mse",
+              temperature: float = 4.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Softmax regression representation learning (Yang et al. ICLR 2021) -> (fm, sr):
+    fm = feature matching of the connected student embedding (B, D) to the teacher's (B, D);
+    sr = the teacher's classifier applied to the connected student embedding (`student_head_logits`,
+    (B, K)) against the teacher's own logits (B, K).
+
+    Conventions (the authors' code, KD_SRRL): fm is the element-mean squared error (their
+    `statm_loss`: squared differences of the pooled features, averaged over channels and batch;
+    the paper writes an unnormalized squared L2 norm, D times this); sr_loss="mse" is the
+    element-mean squared error of the logits (F.mse_loss, what their code trains with);
+    sr_loss="kl" is the paper's softmax form, T^2 * KL(softmax(t/T) || softmax(s/T)) batchmean
+    (`kd_loss`)."""
+    fm = fitnet_loss(student_feature.flatten(1), teacher_feature.flatten(1))
+    if sr_loss == "mse":
+        sr = (student_head_logits - teacher_logits).pow(2).mean()
+    elif sr_loss == "kl":
+        sr = kd_loss(student_head_logits, teacher_logits, temperature)
+    else:
+        raise ValueError(f"srd_terms: sr_loss={sr_loss!r}; one of mse, kl")
+    return fm, sr
+
+
+def srd_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor, student_head_logits: torch.Tensor,
+             teacher_logits: torch.Tensor, sr_loss: str = "mse", temperature: float = 4.0,
+             fm_weight: float = 1.0, sr_weight: float = 1.0) -> torch.Tensor:
+    """fm_weight * fm + sr_weight * sr of `srd_terms` (the authors' code weighs both by 1)."""
+    fm, sr = srd_terms(student_feature, teacher_feature, student_head_logits, teacher_logits, sr_loss, temperature)
+    return fm_weight * fm + sr_weight * sr
+
+
+def inter_channel_correlation(features: torch.Tensor) -> torch.Tensor:
+    """ICKD's inter-channel correlation (Liu et al. ICCV 2021) of (B, C, H, W) maps -> (B, C, C): the
+    Gram matrix G_ij = <F_i, F_j> of the flattened channel maps, each row L2-normalized (the
+    authors' code: F.normalize(bmm(F, F^T), dim=2); the channel maps themselves are not
+    normalized). The rows are scale-free, so each sample is first divided by its largest |value|
+    (a constant for autograd: same value and gradient) to keep the Gram finite for any input scale."""
+    f = features.flatten(2)
+    scale = f.detach().abs().amax(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(f.dtype).tiny)
+    f = f / scale
+    return F.normalize(torch.bmm(f, f.transpose(1, 2)), dim=2)
+
+
+def ickd_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """ICKD (Liu et al. ICCV 2021): sum_{b,i,j} (G^s_bij - G^t_bij)^2 / (C * B) with G the
+    row-normalized inter-channel correlation (`inter_channel_correlation`) of the whole map, as the
+    authors' CIFAR code divides (the squared Frobenius distance per sample, over C, batch mean).
+    Channel counts must match (the student goes through a connector); H x W may differ."""
+    if student_features.shape[:2] != teacher_features.shape[:2]:
+        raise ValueError(f"ickd_loss: (B, C) must match, got {tuple(student_features.shape)} and "
+                         f"{tuple(teacher_features.shape)}")
+    b, c = teacher_features.shape[:2]
+    diff = inter_channel_correlation(student_features) - inter_channel_correlation(teacher_features)
+    return diff.pow(2).sum() / (c * b)
+
+
+def cwd_loss(student_features: torch.Tensor, teacher_features: torch.Tensor, tau: float = 4.0) -> torch.Tensor:
+    """Channel-wise distillation (Shu et al. ICCV 2021): every channel of a (B, C, H, W) map becomes a
+    distribution over its H*W positions, softmax(x / tau); tau^2 * KL(teacher || student) per
+    channel, summed over channels and averaged over the batch and channels: / (B * C), as the
+    authors' code (TorchDistiller's CriterionCWD) and mmrazor's ChannelWiseDivergence divide.
+    That is `kd_loss` with the positions in the role of the classes and every (sample, channel)
+    pair as one row. Shapes must match (a connector maps the student's channels)."""
+    if student_features.shape != teacher_features.shape:
+        raise ValueError(f"cwd_loss: shapes must match, got {tuple(student_features.shape)} and "
+                         f"{tuple(teacher_features.shape)}")
+    return kd_loss(student_features.flatten(2), teacher_features.flatten(2), tau)
+
+
+def mgd_loss(generated: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """Masked generative distillation (Yang et al. ECCV 2022): the feature the generation block
+    produced from the masked student feature against the teacher's, squared error summed over
+    C, H, W and averaged over the batch (the authors' MSELoss(reduction='sum') / N); their small
+    weight (alpha_mgd, 7e-5 on ImageNet) is sized for this sum."""
+    if generated.shape != teacher_features.shape:
+        raise ValueError(f"mgd_loss: shapes must match, got {tuple(generated.shape)} and "
+                         f"{tuple(teacher_features.shape)}")
+    return (generated - teacher_features).pow(2).sum() / generated.shape[0]

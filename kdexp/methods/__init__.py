@@ -8,4 +8,5 @@ from kdexp.methods import logit, logit_match, teacher_free, mutual, ensemble  # 
 from kdexp.methods import feature, relation, gradient  # noqa: E402,F401  (feature- and relation-based)
 from kdexp.methods import reviewkd  # noqa: E402,F401  (knowledge review: ABF fusion + HCL)
 from kdexp.methods import ofd  # noqa: E402,F401  (overhaul of feature distillation: margins + partial L2)
+from kdexp.methods import srd, ickd, cwd, mgd  # noqa: E402,F401  (classifier-, channel- and mask-based feature)
 from kdexp.methods import transfer, domain  # noqa: E402,F401  (transfer learning, domain adaptation)
