@@ -36,6 +36,27 @@ class LogitMSE(Method):
         return terms
 
 
+# DKD's warm-up, shared with the methods that put DKD's terms under their own (ctkd's base=dkd).
+def dkd_warmup(epoch: int, warmup_epochs: int) -> float:
+    """The DKD terms' weight at 0-based `epoch`: min((epoch + 1) / warmup_epochs, 1), epochs counted
+    from 1 as in the authors' code; 1 when warmup_epochs is 0 (off)."""
+    return 1.0 if warmup_epochs <= 0 else min((epoch + 1) / warmup_epochs, 1.0)
+
+
+def check_dkd_warmup(warmup_epochs: int) -> None:
+    if warmup_epochs < 0:
+        raise ConfigError(f"method.warmup_epochs={warmup_epochs} is out of range: must be >= 0")
+
+
+def dkd_warmup_warnings(cfg) -> list:
+    """A warm-up longer than the run (`cfg`: the whole run config), one line."""
+    w = cfg.method.warmup_epochs
+    if w > cfg.epochs:
+        return [f"method.warmup_epochs={w} is longer than the run (epochs={cfg.epochs}): the DKD terms never reach "
+                f"their full weight (at most {cfg.epochs}/{w}); set method.warmup_epochs <= epochs"]
+    return []
+
+
 @dataclass
 class DKDConfig(MethodConfig):
     name: str = "dkd"
@@ -58,20 +79,14 @@ class DKD(Method):
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)
-        if cfg.warmup_epochs < 0:
-            raise ConfigError(f"method.warmup_epochs={cfg.warmup_epochs} is out of range: must be >= 0")
+        check_dkd_warmup(cfg.warmup_epochs)
 
     @classmethod
     def config_warnings(cls, cfg):
-        w = cfg.method.warmup_epochs
-        if w > cfg.epochs:
-            return [f"method.warmup_epochs={w} is longer than the run (epochs={cfg.epochs}): the DKD terms never reach "
-                    f"their full weight (at most {cfg.epochs}/{w}); set method.warmup_epochs <= epochs"]
-        return []
+        return dkd_warmup_warnings(cfg)
 
     def warmup_factor(self) -> float:
-        w = self.cfg.warmup_epochs
-        return 1.0 if w <= 0 else min((self.epoch + 1) / w, 1.0)
+        return dkd_warmup(self.epoch, self.cfg.warmup_epochs)
 
     def losses(self, batch):
         s = self.student(batch.x)
