@@ -428,11 +428,28 @@ def _check(cond: bool, key: str, value, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is out of range: {allowed}")
 
 
-def validate_optim(o, key: str) -> None:
+OPTIMIZERS = ("adam", "adamw", "sgd", "dot")
+
+
+def validate_optim(o, key: str, one_loss: str = "") -> None:
+    """`one_loss`: why this recipe trains a single loss (a teacher on labels, a method's first
+    stage), where optim.name=dot has no distillation gradient to tell from the task gradient: it
+    is then rejected (it would be SGD with momentum `momentum`, so the message says to use sgd)."""
     _check(o.lr > 0, f"{key}.lr", o.lr, "must be > 0")
-    _check(o.name in ("adam", "adamw", "sgd"), f"{key}.name", o.name, "one of adam, adamw, sgd")
+    _check(o.name in OPTIMIZERS, f"{key}.name", o.name, "one of " + ", ".join(OPTIMIZERS))
     _check(o.schedule in ("none", "cosine", "step", "dann"), f"{key}.schedule", o.schedule,
            "one of none, cosine, step, dann")
+    if o.name != "dot":
+        return
+    if one_loss:
+        raise ConfigError(f"{key}.name=dot separates the distillation terms' gradient from the task (CE) gradient, "
+                          f"and {one_loss}; use {key}.name=sgd (DOT with one kind of gradient is SGD with momentum "
+                          f"{key}.momentum)")
+    _check(not o.nesterov, f"{key}.nesterov", o.nesterov, "must be false with name=dot (DOT has no Nesterov variant)")
+    _check(0.0 <= o.delta <= o.momentum, f"{key}.delta", o.delta,
+           f"must be in [0, {key}.momentum={o.momentum}] (the task momentum momentum - delta is >= 0)")
+    _check(o.momentum + o.delta < 1.0, f"{key}.momentum", o.momentum,
+           f"must be < 1 - {key}.delta={o.delta} (the distillation momentum momentum + delta is < 1)")
 
 
 def validate_teacher(t, key: str) -> None:
@@ -441,7 +458,7 @@ def validate_teacher(t, key: str) -> None:
     _check(t.batch_size >= 1, f"{key}.batch_size", t.batch_size, "must be >= 1")
     if t.get("stop_at_acc") is not None:
         _check(0.0 < t.stop_at_acc <= 1.0, f"{key}.stop_at_acc", t.stop_at_acc, "must be in (0, 1] (or null)")
-    validate_optim(t.optim, f"{key}.optim")
+    validate_optim(t.optim, f"{key}.optim", one_loss="a teacher trains on labels alone")
 
 
 def validate(cfg) -> None:
@@ -462,7 +479,7 @@ def validate(cfg) -> None:
     if m.w_ce is not None:
         _check(m.w_ce >= 0, "method.w_ce", m.w_ce, "must be >= 0 (or null for 1 - alpha)")
     if m.get("init_optim") is not None:  # a method with a first stage (kdexp.methods.feature.StagedConfig)
-        validate_optim(m.init_optim, "method.init_optim")
+        validate_optim(m.init_optim, "method.init_optim", one_loss="a method's first stage trains one loss")
         _check(m.init_epochs >= 0, "method.init_epochs", m.init_epochs, "must be >= 0 (0: no first stage)")
         _check(m.init_batch_size >= 1, "method.init_batch_size", m.init_batch_size, "must be >= 1")
     _check(cfg.epochs >= 1, "epochs", cfg.epochs, "must be >= 1")

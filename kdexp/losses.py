@@ -817,3 +817,30 @@ def mgd_loss(generated: torch.Tensor, teacher_features: torch.Tensor) -> torch.T
         raise ValueError(f"mgd_loss: shapes must match, got {tuple(generated.shape)} and "
                          f"{tuple(teacher_features.shape)}")
     return (generated - teacher_features).pow(2).sum() / generated.shape[0]
+
+
+# ---- curriculum temperature
+# CTKD (Li et al. AAAI 2023): a learned temperature behind a gradient reversal layer, so that it
+# maximizes the distillation loss the student minimizes, with the reversal's weight on a cosine ramp.
+# The losses it softens are kd_loss / dkd_terms above, which take a tensor temperature as is.
+
+
+def ctkd_lambda(epoch: int, lambda_min: float = 0.0, lambda_max: float = 1.0, ramp_epochs: int = 10) -> float:
+    """CTKD's curriculum for the reversal weight at 1-based `epoch` (the authors count from 1):
+    lambda_min + (lambda_max - lambda_min) * (1 - cos(pi * min(epoch, E) / E)) / 2, E = ramp_epochs;
+    lambda_max from the start when E = 0. The paper's eq. written as the authors' `CosineDecay`
+    (decay_max = -lambda_min, decay_min = -lambda_max: their reversal layer multiplies by the signed
+    value, `gradient_reversal` by -lambda). CIFAR defaults: 0 -> 1 over 10 epochs."""
+    if ramp_epochs <= 0:
+        return float(lambda_max)
+    e = min(max(epoch, 0), ramp_epochs)
+    return lambda_min + (lambda_max - lambda_min) * (1.0 - math.cos(math.pi * e / ramp_epochs)) / 2.0
+
+
+def curriculum_temperature(theta: torch.Tensor, lambd: float, t_min: float = 1.0, t_span: float = 20.0) -> torch.Tensor:
+    """CTKD's global temperature t_min + t_span * sigmoid(theta), shape of theta (a scalar), in
+    (t_min, t_min + t_span): (1, 21) with the authors' defaults (t_start 1, t_end 20). theta enters
+    through `gradient_reversal(theta, lambd)`, as in the authors' code (before the sigmoid), so the
+    forward value is unchanged and theta's gradient is -lambd times that of the loss it softens:
+    the optimizer's descent step on theta ascends the distillation loss."""
+    return t_min + t_span * torch.sigmoid(gradient_reversal(theta, lambd))

@@ -86,7 +86,7 @@ def test_key_added_to_a_composed_config(compose_cfg):
     msg = rejected(cfg)
     assert "2 unknown config keys:" in msg
     assert f"method.foo: unknown key of method=fitnet ({UNKNOWN}). Valid: alpha, beta, init_batch_size, " in msg
-    assert f"method.init_optim.foo: unknown key of method.init_optim ({UNKNOWN}). Valid: gamma, lr, " in msg
+    assert f"method.init_optim.foo: unknown key of method.init_optim ({UNKNOWN}). Valid: delta, gamma, lr, " in msg
 
 
 # ------------------------------------------------------------------ config files on the search path

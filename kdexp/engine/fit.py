@@ -9,6 +9,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from tqdm import tqdm
 
+from kdexp.engine.dot import DOT
 from kdexp.engine.hardware import CPU, Accelerator
 from kdexp.engine.optim import build_optimizer, build_scheduler
 
@@ -42,7 +43,7 @@ def fit(stepper, source, *, optim_cfg, epochs: int, on_epoch: Optional[Callable[
             stepper.at(epoch, (epoch * steps + step) / (epochs * steps))
             optimizer.zero_grad(set_to_none=True)
             logged = _step(stepper, item, accel, sync=(step + 1) % accel.sync_every == 0 or step + 1 == steps,
-                           where=f"epoch {epoch + 1}, step {step + 1}")
+                           where=f"epoch {epoch + 1}, step {step + 1}", optimizer=optimizer)
             accel.reduce_gradients(optimizer, item.share)
             accel.step(optimizer)
             if per_step:
@@ -67,10 +68,12 @@ def fit(stepper, source, *, optim_cfg, epochs: int, on_epoch: Optional[Callable[
     return history
 
 
-def _step(stepper, item, accel, sync: bool, where: str) -> Dict[str, object]:
+def _step(stepper, item, accel, sync: bool, where: str, optimizer=None) -> Dict[str, object]:
     """Forward and backward of one batch -> the values for the epoch's train/* means (nothing for
     a DDP rank whose shard is empty: it still joins the gradient all-reduce). `sync`: check the
-    loss for NaN/inf (a host sync: every step on the CPU, every hardware.sync_every on a GPU)."""
+    loss for NaN/inf (a host sync: every step on the CPU, every hardware.sync_every on a GPU).
+    optim.name=dot: the task and distillation terms are backwarded separately (`DOT.backward`);
+    train/loss stays their total."""
     if item.batch is None:
         return {}
     with accel.autocast():
@@ -78,7 +81,10 @@ def _step(stepper, item, accel, sync: bool, where: str) -> Dict[str, object]:
         loss = stepper.total(terms)
     if sync:
         loss = stepper.check(loss, terms, where + ("" if accel.sync_every == 1 else " or before"))
-    accel.backward(loss)
+    if isinstance(optimizer, DOT):
+        optimizer.backward(terms, accel.scaled)
+    else:
+        accel.backward(loss)
     return {k: accel.scalar(v) if v.dim() == 0 else v.detach().double() for k, v in stepper.logged(loss, terms).items()}
 
 

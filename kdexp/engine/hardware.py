@@ -23,6 +23,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from kdexp.engine.dot import DOT
 from kdexp.engine.evaluate import evaluate
 from kdexp.errors import ConfigError
 
@@ -247,22 +248,38 @@ class Accelerator:
             return contextlib.nullcontext()
         return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
 
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to backward: scaled by the fp16 GradScaler, else as is."""
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
     def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        self.scaled(loss).backward()
 
     def reduce_gradients(self, optimizer, weight: float) -> None:
-        """DDP: sum over ranks of weight x local gradient (weight = local shard / global batch)."""
+        """DDP: sum over ranks of weight x local gradient (weight = local shard / global batch).
+        optim.name=dot: a gradient that no rank has stays None, as in one process (DOT tells which
+        of a parameter's task and distillation gradients exist by it); that costs a host sync, so
+        the other optimizers get zeros there as before."""
         if not self.dist.active:
             return
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads]) * weight
+        flat = [g.reshape(-1) * weight for g in grads]
+        keep_none = isinstance(optimizer, DOT)
+        if keep_none:  # one all-reduce for the gradients and the count of ranks that have each
+            flat.append(torch.tensor([float(p.grad is not None) for p in params], dtype=flat[0].dtype,
+                                     device=flat[0].device))
+        flat = torch.cat(flat)
         self.dist.all_reduce_(flat)
         offset = 0
         for p in params:
             n = p.numel()
             p.grad = flat[offset:offset + n].view_as(p).clone()
             offset += n
+        if keep_none:
+            for p, count in zip(params, flat[offset:].tolist()):
+                if count == 0:
+                    p.grad = None
 
     def step(self, optimizer) -> None:
         if self.scaler is not None:

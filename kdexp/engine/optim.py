@@ -1,10 +1,16 @@
 """Optimizer and LR schedule from an OptimConfig."""
 import torch
 
+from kdexp.engine.dot import DOT
+
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
-    """`params`: parameters or parameter groups (dicts; a group may set its own lr/weight_decay)."""
+    """`params`: parameters or parameter groups (dicts; a group may set its own lr/weight_decay).
+    dot: kdexp.engine.dot.DOT (momentum beta = cfg.momentum, cfg.delta); the fit loop then
+    backwards the task and the distillation terms separately."""
     params = list(params)
+    if cfg.name == "dot":
+        return DOT(params, lr=cfg.lr, momentum=cfg.momentum, delta=cfg.delta, weight_decay=cfg.weight_decay)
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)

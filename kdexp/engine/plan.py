@@ -164,6 +164,8 @@ def fuse_reason(cfg, requires: Requirements, student: Optional[nn.Module] = None
         return "a chain (or born_again): its stages run one after the other, each as a separate run"
     if not requires.fusable:
         return f"method={name} (fused sweeps train methods whose requirements say fusable: ce and kd)"
+    if cfg.optim.name == "dot":
+        return "optim.name=dot (fused students step adam/adamw/sgd; DOT's two backward passes run separately)"
     domain = cfg.get("domain")
     if domain is not None and domain.get("transforms"):
         return "a domain shift (dataset views) is set"
@@ -240,10 +242,15 @@ def student_teacher_config(cfg) -> DictConfig:
     """The teacher of a method whose requirements say teacher "self" (Tf-KD self: "train the student
     in the normal way, then use it as the teacher"): the student's arch and args trained with the
     student's recipe (optim, epochs, batch_size), with the teacher's own seed (fixed while student
-    seeds vary), teacher.stop_at_acc and teacher.checkpoint."""
+    seeds vary), teacher.stop_at_acc and teacher.checkpoint. optim.name=dot trains it as sgd: on
+    labels alone DOT is SGD with momentum optim.momentum, and the teacher is then the one of the same
+    run with optim.name=sgd (one cache entry)."""
     t = OmegaConf.to_container(cfg.teacher, resolve=True)
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    if optim["name"] == "dot":
+        optim["name"] = "sgd"
     t.update(arch=cfg.student.arch, args=OmegaConf.to_container(cfg.student.args, resolve=True),
-             optim=OmegaConf.to_container(cfg.optim, resolve=True), epochs=cfg.epochs, batch_size=cfg.batch_size)
+             optim=optim, epochs=cfg.epochs, batch_size=cfg.batch_size)
     return OmegaConf.merge(OmegaConf.structured(TeacherConfig), t)
 
 

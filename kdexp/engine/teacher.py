@@ -92,6 +92,8 @@ def data_fingerprint(data: Data) -> str:
 def teacher_key(tcfg, dataset_cfg, data: Data) -> str:
     t = OmegaConf.to_container(tcfg, resolve=True)
     recipe = {k: t[k] for k in ("arch", "args", "epochs", "batch_size", "seed", "optim")}
+    if recipe["optim"].get("name") != "dot":  # optim.delta is DOT's alone: keys of the others stay as they were
+        recipe["optim"] = {k: v for k, v in recipe["optim"].items() if k != "delta"}
     if t.get("stop_at_acc") is not None:  # only when set, so that existing cache keys stay valid
         recipe["stop_at_acc"] = t["stop_at_acc"]
     if t.get("labeled_only"):  # only when set: trained on the labeled part alone

@@ -30,10 +30,13 @@ UNLABELED = -1  # the label of a transfer-set sample without one (Batch.y)
 class OptimConfig:
     """An optimizer and LR schedule (kdexp.engine.optim): the student's (`optim`), a teacher's
     recipe (`teacher.optim`) and a method's first stage (`method.init_optim`)."""
-    name: str = "adam"  # adam | adamw | sgd
+    name: str = "adam"  # adam | adamw | sgd | dot (SGD with task/distillation momenta, kdexp.engine.dot)
     lr: float = 1e-3
-    momentum: float = 0.9  # sgd only
-    nesterov: bool = False
+    momentum: float = 0.9  # sgd; dot: beta, the mean of its two momenta
+    nesterov: bool = False  # sgd only
+    # dot only (Zhao et al. ICCV 2023): the task ("ce") gradient's momentum is momentum - delta, the
+    # distillation terms' momentum + delta; 0.075 is the authors' default
+    delta: float = 0.075
     weight_decay: float = 0.0
     schedule: str = "none"  # none | cosine | step | dann (per step: lr / (1 + 10 p)^0.75, Ganin & Lempitsky)
     milestones: List[int] = field(default_factory=list)  # step: epochs where lr *= gamma
