@@ -5,5 +5,6 @@ from kdexp.methods.base import (METHODS, UNLABELED, Batch, Method, MethodConfig,
                                 SofteningConfig,
                                 Stage, get_method, list_methods, register_method, requirements)
 from kdexp.methods import logit, logit_match, teacher_free, mutual, ensemble  # noqa: E402,F401  (logit-level)
+from kdexp.methods import mlkd, nkd, wsld  # noqa: E402,F401  (logit-level variants)
 from kdexp.methods import feature, relation, gradient  # noqa: E402,F401  (feature- and relation-based)
 from kdexp.methods import transfer, domain  # noqa: E402,F401  (transfer learning, domain adaptation)
