@@ -844,3 +844,135 @@ def curriculum_temperature(theta: torch.Tensor, lambd: float, t_min: float = 1.0
     forward value is unchanged and theta's gradient is -lambd times that of the loss it softens:
     the optimizer's descent step on theta ascends the distillation loss."""
     return t_min + t_span * torch.sigmoid(gradient_reversal(theta, lambd))
+
+
+# ---- logit-level variants: MLKD, NKD, WSLD
+# Multi-level logit distillation (Jin et al. CVPR 2023), the normalized KD loss (Yang et al. ICCV
+# 2023) and weighted soft labels (Zhou et al. ICLR 2021). Softening and KL come from `soften`,
+# `kl_div_log` and `kd_loss` above.
+
+
+def _non_target_logits(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The (B, C - 1) logits of every class but each sample's target, in class order."""
+    b, c = logits.shape
+    keep = ~F.one_hot(target, c).bool()
+    return logits[keep].view(b, c - 1)
+
+
+def _warn_two_classes(method: str, term: str) -> None:
+    warnings.warn(f"{method} with 2 classes: the non-target distribution has a single class, so {term} is "
+                  f"always 0", stacklevel=3)
+
+
+def kept_fraction(scores: torch.Tensor, percentile: float) -> torch.Tensor:
+    """MLKD's confidence mask as the authors' code applies it, shape (N,) -> scalar: the fraction of
+    `scores` at or below their `percentile`-th percentile (linear interpolation, as np.percentile).
+
+    In the authors' code the mask multiplies a loss already reduced to a scalar and is then
+    averaged, so it scales the whole term by this fraction (about percentile / 100) rather than
+    selecting samples. No gradient flows through it."""
+    scores = scores.detach()
+    threshold = torch.quantile(scores, percentile / 100.0)
+    return (scores <= threshold).to(scores.dtype).mean()
+
+
+def prediction_correlation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                                level: str) -> torch.Tensor:
+    """MLKD's batch- and class-level alignment: with P = softmax(logits / T) of shape (B, C), the
+    squared Frobenius distance between the teacher's and the student's Gram matrices,
+    level "batch": G = P P^T (B x B, input correlation), divided by B;
+    level "class": G = P^T P (C x C, category correlation), divided by C.
+    No T^2 factor (the authors' code has none for these terms)."""
+    p_s, p_t = soften(student_logits, temperature).exp(), soften(teacher_logits, temperature).exp()
+    if level == "batch":
+        g_s, g_t, n = p_s @ p_s.t(), p_t @ p_t.t(), p_s.shape[0]
+    elif level == "class":
+        g_s, g_t, n = p_s.t() @ p_s, p_t.t() @ p_t, p_s.shape[1]
+    else:
+        raise ValueError(f"level={level!r}: one of batch, class")
+    return (g_t - g_s).pow(2).sum() / n
+
+
+def mlkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatures: Sequence[float],
+               confidence_percentile: float = 50.0, class_confidence_percentile: float = 50.0,
+               confidence_logits: Optional[torch.Tensor] = None,
+               relation_logits: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> dict:
+    """Multi-level logit distillation (Jin et al. CVPR 2023, the authors' code) on ONE view of the
+    batch -> {"instance", "batch", "class"}, each summed over the prediction-augmentation
+    `temperatures` (T_k; duplicates count twice, as in the authors' code):
+
+      instance = (1 + f) * sum_k T_k^2 KL(softmax(t/T_k) || softmax(s/T_k))   (batchmean)
+      batch    = f       * sum_k prediction_correlation_loss(s, t, T_k, "batch")
+      class    = f_cls   * sum_k prediction_correlation_loss(s, t, T_k, "class")
+
+    f = `kept_fraction` of the teacher's confidence (max softmax at T=1, per sample) at
+    `confidence_percentile`; f_cls = that of its class confidence (softmax summed over the batch,
+    per class) at `class_confidence_percentile`; both from `confidence_logits` (the raw teacher
+    logits, as in the authors' code; None: `teacher_logits`). `relation_logits`: the (student,
+    teacher) pair of the batch and class terms (None: the logits given).
+
+    Conventions: (1) the authors train on a weak and a strong (RandAugment) view; their instance
+    term is the weak view's KD scaled by f plus the strong view's unscaled KD, and their batch and
+    class terms use the weak view only. Here both views are the one view given, which makes the
+    instance term (1 + f) times the KD sum. (2) The masks scale each term by f as the authors'
+    code does (see `kept_fraction`), not per sample."""
+    s_rel, t_rel = (student_logits, teacher_logits) if relation_logits is None else relation_logits
+    with torch.no_grad():
+        p_t = soften(teacher_logits if confidence_logits is None else confidence_logits, 1.0).exp()
+        f = kept_fraction(p_t.max(-1).values, confidence_percentile)
+        f_cls = kept_fraction(p_t.sum(0), class_confidence_percentile)
+    kd = sum(kd_loss(student_logits, teacher_logits, temp) for temp in temperatures)
+    bc = sum(prediction_correlation_loss(s_rel, t_rel, temp, "batch") for temp in temperatures)
+    cc = sum(prediction_correlation_loss(s_rel, t_rel, temp, "class") for temp in temperatures)
+    return {"instance": (1.0 + f) * kd, "batch": f * bc, "class": f_cls * cc}
+
+
+def nkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
+              temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Normalized KD (Yang et al. ICCV 2023, arXiv 2303.13005) -> (target term, non-target term):
+
+      target     = -mean_b  p_t(y_b) * log p_s(y_b)                 (softmax at T=1)
+      non-target = -T^2 mean_b sum_{j != y_b} q_t(j) log q_s(j),   q = softmax(non-target logits / T)
+
+    i.e. the non-target probabilities renormalized to sum to 1. The paper's gamma weighs the
+    non-target term (the method's job). Conventions: cross-entropy values as in the paper and the
+    authors' code (the non-target term exceeds the KL between the q's by the teacher's entropy
+    T^2 * H(q_t); gradients are those of the KL); the temperature softens the non-target term only,
+    as in the authors' code; computed in log space (finite at T=1 with logits around +-100). With 2
+    classes the non-target term is identically 0 (a warning is issued)."""
+    c = student_logits.shape[-1]
+    if c == 2:
+        _warn_two_classes("NKD", "the non-target term (beta)")
+    idx = target.unsqueeze(1)
+    log_s_target = soften(student_logits, 1.0).gather(1, idx).squeeze(1)
+    p_t_target = soften(teacher_logits, 1.0).gather(1, idx).squeeze(1)
+    target_term = -(p_t_target.exp() * log_s_target).mean()
+    log_q_s = soften(_non_target_logits(student_logits, target), temperature)
+    q_t = soften(_non_target_logits(teacher_logits, target), temperature).exp()
+    return target_term, -temperature ** 2 * (q_t * log_q_s).sum(-1).mean()
+
+
+def wsld_weights(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
+                 eps: float = 1e-7) -> torch.Tensor:
+    """Weighted soft labels (Zhou et al. ICLR 2021, arXiv 2102.00650): per-sample weights (B,)
+    w = 1 - exp(-max(CE_s / (CE_t + eps), 0)), with CE_s, CE_t the student's and the teacher's
+    cross-entropy on `target` at T=1, computed without gradient (the authors' code, eps 1e-7).
+    A sample the student already fits better than the teacher gets a small weight."""
+    with torch.no_grad():
+        idx = target.unsqueeze(1)
+        ce_s = -soften(student_logits, 1.0).gather(1, idx).squeeze(1)
+        ce_t = -soften(teacher_logits, 1.0).gather(1, idx).squeeze(1)
+        return 1.0 - torch.exp(-(ce_s / (ce_t + eps)).clamp_min(0.0))
+
+
+def weighted_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                     weights: torch.Tensor) -> torch.Tensor:
+    """T^2 * mean_b w_b * KL(softmax(t_b/T) || softmax(s_b/T)): `kd_loss` with per-sample weights
+    (B,); all weights 1 give `kd_loss`. WSLD's soft term with `wsld_weights`.
+
+    Convention: KL, as kdexp's KD; the WSLD authors' code weighs the cross-entropy
+    -sum p_t log p_s, which is larger by T^2 * mean_b w_b H(p_t,b) and has the same gradient
+    (the weights carry none)."""
+    log_p, log_q = soften(teacher_logits, temperature), soften(student_logits, temperature)
+    per_sample = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return temperature ** 2 * (weights.to(per_sample.dtype) * per_sample).mean()

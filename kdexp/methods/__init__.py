@@ -6,6 +6,7 @@ from kdexp.methods.base import (METHODS, UNLABELED, Batch, Method, MethodConfig,
                                 Stage, get_method, list_methods, register_method, requirements)
 from kdexp.methods import logit, logit_match, teacher_free, mutual, ensemble  # noqa: E402,F401  (logit-level)
 from kdexp.methods import ctkd  # noqa: E402,F401  (learned temperature on top of kd/dkd)
+from kdexp.methods import mlkd, nkd, wsld  # noqa: E402,F401  (logit-level variants)
 from kdexp.methods import feature, relation, gradient  # noqa: E402,F401  (feature- and relation-based)
 from kdexp.methods import reviewkd  # noqa: E402,F401  (knowledge review: ABF fusion + HCL)
 from kdexp.methods import ofd  # noqa: E402,F401  (overhaul of feature distillation: margins + partial L2)
