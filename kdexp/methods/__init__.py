@@ -7,3 +7,4 @@ from kdexp.methods.base import (METHODS, UNLABELED, Batch, Method, MethodConfig,
 from kdexp.methods import logit, logit_match, teacher_free, mutual, ensemble  # noqa: E402,F401  (logit-level)
 from kdexp.methods import feature, relation, gradient  # noqa: E402,F401  (feature- and relation-based)
 from kdexp.methods import transfer, domain  # noqa: E402,F401  (transfer learning, domain adaptation)
+from kdexp.methods import data_free  # noqa: E402,F401  (data-free: generated inputs only)
