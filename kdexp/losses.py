@@ -976,3 +976,44 @@ def weighted_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     log_p, log_q = soften(teacher_logits, temperature), soften(student_logits, temperature)
     per_sample = (log_p.exp() * (log_p - log_q)).sum(-1)
     return temperature ** 2 * (weights.to(per_sample.dtype) * per_sample).mean()
+
+
+# ---- data-free distillation
+# DAFL (Chen et al. ICCV 2019, arXiv 1904.01186): a generator is trained against the frozen teacher
+# with three terms of the teacher's outputs on the generated batch; the student then learns KD
+# (kd_loss) from the teacher on those inputs alone.
+
+def one_hot_loss(teacher_logits: torch.Tensor) -> torch.Tensor:
+    """DAFL's one-hot loss: cross-entropy of the teacher's logits (B, C) to their own argmax (the
+    pseudo-labels, not differentiated), averaged over the batch -> scalar. Low when the teacher is
+    confident on every generated input."""
+    return F.cross_entropy(teacher_logits, teacher_logits.detach().argmax(1))
+
+
+def activation_loss(features: torch.Tensor) -> torch.Tensor:
+    """DAFL's activation loss: minus the mean absolute value of the teacher's features (B, ...) on
+    the generated batch -> scalar. Convention: the element mean of the authors' code
+    (`-features.abs().mean()`); the paper's -1/n sum_i ||f_i||_1 is D times this (D features per
+    sample), so the authors' weight a=0.1 goes with the mean."""
+    return -features.abs().mean()
+
+
+def information_entropy_loss(teacher_logits: torch.Tensor, log_base: float = 10.0) -> torch.Tensor:
+    """DAFL's information-entropy loss: minus the entropy of the batch-mean teacher prediction,
+    sum_c pbar_c log_b pbar_c with pbar = mean_i softmax(t_i) over the batch (B, C) -> scalar. Its
+    minimum, -log_b C, is at a uniform pbar: minimizing it balances the classes the generator makes.
+    Convention: base 10, as the authors' code (`torch.log10`), which their weights (ie 5 for MNIST
+    and CIFAR-10, 20 for CIFAR-100) were tuned with; the natural-log entropy is ln(10) x this.
+    Computed in log space (log pbar = logsumexp_i log_softmax(t_i) - log B), so a class no sample
+    predicts contributes 0 instead of the authors' 0 * log 0 = NaN."""
+    log_pbar = torch.logsumexp(F.log_softmax(teacher_logits, dim=1), dim=0) - math.log(teacher_logits.shape[0])
+    return (log_pbar.exp() * log_pbar).sum() / math.log(log_base)
+
+
+def attention_mse_loss(student_features: torch.Tensor, teacher_features: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Attention transfer as the AT authors' code and Zero-Shot KT (Micaelli & Storkey NeurIPS 2019,
+    arXiv 1905.09768) compute it for one layer pair of equal H x W: the mean over the batch and the
+    H*W positions of the squared difference of the L2-normalized attention maps (`attention_map`),
+    i.e. ||Q_s/||Q_s|| - Q_t/||Q_t|| ||^2 / (B * H * W). `at_loss` is the AT paper's unsquared
+    distance averaged over the batch instead. Zero-Shot KT's beta=250 goes with this form."""
+    return (attention_map(student_features, p) - attention_map(teacher_features, p)).pow(2).mean()

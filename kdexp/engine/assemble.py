@@ -13,7 +13,7 @@ from kdexp.data import Data, load_dataset
 from kdexp.engine.evaluate import teacher_metrics
 from kdexp.engine.fit import fit
 from kdexp.engine.plan import RunPlan
-from kdexp.engine.source import InMemorySource, training_view
+from kdexp.engine.source import InMemorySource, training_view, withheld_inputs
 from kdexp.engine.steppers import StageStepper
 from kdexp.engine.teacher import provide_teacher
 from kdexp.engine.teacher_cache import cached_teacher, view_registrar
@@ -27,7 +27,7 @@ NO_TEACHER = {"source": "none", "key": None, "val/acc": None}
 
 @dataclass
 class Assembly:
-    data: Data  # the training data: x_train is the plan's view; the validation views as loaded
+    data: Data  # the training data: x_train is the plan's view (withheld for a data-free method); validation as loaded
     teacher: object = None  # the handle the methods hold: a TeacherCache or the FrozenTeacher (None: no teacher)
     frozen: object = None  # the FrozenTeacher itself
     teacher_info: dict = field(default_factory=lambda: dict(NO_TEACHER))
@@ -48,6 +48,8 @@ def assemble(plans: Sequence[RunPlan], accel) -> Assembly:
     if p0.requires.uses_teacher:
         asm.frozen, asm.teacher_info = _teacher(p0, data)
     asm.data = training_view(data, p0.train_view)
+    if p0.train_inputs == "generated":  # data-free: the teacher above trained on the data, the method never sees it
+        asm.data = withheld_inputs(asm.data)
     asm.teacher, asm.cache_info = cached_teacher(asm.frozen, p0.cache, asm.data)
     for p in plans:
         torch.manual_seed(derive_seed(p.cfg.seed, "student/init"))  # independent of the teacher's source

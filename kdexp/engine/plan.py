@@ -49,6 +49,9 @@ class RunPlan:
     requires: Requirements
     train_view: str  # source | target | paired (source without a domain shift)
     batch_pool: str  # all | labeled (a transfer set and a method whose terms all need labels)
+    # data | generated: the batches hold the training inputs, or withhold them (a data-free method
+    # generates its own; kdexp.engine.source.withheld_inputs)
+    train_inputs: str = "data"
     teachers: List[DictConfig] = field(default_factory=list)  # recipes: none, one, or an ensemble's members
     ensemble: bool = False
     cache: CachePolicy = CachePolicy(False, "no teacher")
@@ -63,7 +66,7 @@ class RunPlan:
 
     def describe(self) -> dict:
         """What the plan decided, for metrics.json (`plan`)."""
-        return {"train_view": self.train_view, "batch_pool": self.batch_pool,
+        return {"train_view": self.train_view, "batch_pool": self.batch_pool, "train_inputs": self.train_inputs,
                 "teachers": [t.arch for t in self.teachers], "ensemble": self.ensemble,
                 "teacher_cache": self.cache.describe(), "fusable": self.fuse_reason is None,
                 "fuse_reason": self.fuse_reason}
@@ -76,11 +79,16 @@ def plan(cfg, overrides=()) -> RunPlan:
     method_cls = get_method(cfg.method.name, key="method.name")
     _check_method_node(cfg)
     requires = method_cls.requires
-    p = RunPlan(cfg, method_cls, requires, train_view=_train_view(cfg, requires), batch_pool=_batch_pool(cfg, requires))
+    p = RunPlan(cfg, method_cls, requires, train_view=_train_view(cfg, requires), batch_pool=_batch_pool(cfg, requires),
+                train_inputs=requires.inputs)
     if cfg.teacher.get("classes") and requires.teacher != "weights":
         raise ConfigError(f"teacher.classes={list(cfg.teacher.classes)} pretrains the teacher on other classes; only "
                           f"methods that start from its weights take that (finetune, progressive), method={p.name} "
                           f"compares its outputs class by class")
+    if requires.generated and cfg.hardware.get("distributed", False):
+        raise ConfigError(f"hardware=ddp: method={p.name} generates its inputs from torch's seeded generator, the same "
+                          f"on every rank (the ranks would train on identical batches); run it in one process "
+                          f"(hardware=cpu or hardware=cuda)")
     p.teachers, p.ensemble = _teacher_recipes(cfg, requires)
     p.teachers, label_warnings = _resolve_labeled_only(p)
     p.cache = _cache_policy(cfg, requires)
@@ -106,7 +114,21 @@ def _warnings(cfg, method_cls, overrides) -> List[str]:
                    f"set it for the others)")
     if len(cfg.get("teachers") or []) == 1:
         out.append("teachers=[...] has one member: an ensemble of one is that teacher (use teacher=NAME)")
-    return out + method_cls.config_warnings(cfg)
+    return out + _data_free_warnings(cfg, method_cls.requires) + method_cls.config_warnings(cfg)
+
+
+def _data_free_warnings(cfg, requires: Requirements) -> List[str]:
+    """Keys about the student's training data that a method generating its own inputs never meets."""
+    if not requires.generated:
+        return []
+    name, out = cfg.method.name, []
+    if cfg.dataset.get("augment", "none") != "none":
+        out.append(f"dataset.augment={cfg.dataset.augment} does not reach the student of method={name}, which "
+                   f"learns from generated inputs only (the teacher still trains with it)")
+    if cfg.dataset.get("label_fraction", 1.0) < 1.0:
+        out.append(f"dataset.label_fraction={cfg.dataset.label_fraction} changes nothing for the student of "
+                   f"method={name}, which sees no training labels")
+    return out
 
 
 def _check_method_node(cfg) -> None:
@@ -148,6 +170,8 @@ def _batch_pool(cfg, requires: Requirements) -> str:
 def _cache_policy(cfg, requires: Requirements) -> CachePolicy:
     if not requires.uses_teacher:
         return CachePolicy(False, "no teacher")
+    if requires.generated:  # each step's inputs are new: nothing to cache per training sample
+        return CachePolicy(False, f"method={cfg.method.name} learns from generated inputs, new every step")
     if not cfg.teacher.get("cache", True):
         return CachePolicy(False, "teacher.cache=false")
     if not requires.cacheable:

@@ -39,6 +39,19 @@ def training_view(data: Data, view: str) -> Data:
     return replace(data, x_train_target=None)
 
 
+def withheld_inputs(data: Data) -> Data:
+    """The Data a method that generates its own training inputs trains on (its requirements say
+    inputs="generated": data-free distillation). The training inputs are NaN and the labels
+    UNLABELED, as stride-0 expansions (no memory), so its batches still count the steps of an epoch
+    over the training set and carry positions (Batch.idx) but hold nothing of the data: an input
+    that leaked into a loss would make it NaN, which the fit loop reports. No target view, transfer
+    set mask or augmentation; the validation views are kept (val/acc is measured on real data)."""
+    x = data.x_train
+    nan = torch.full((1,) * x.dim(), float("nan"), dtype=x.dtype, device=x.device).expand(x.shape)
+    y = torch.full((1,), UNLABELED, dtype=data.y_train.dtype, device=data.y_train.device).expand(len(x))
+    return replace(data, x_train=nan, y_train=y, labeled=None, x_train_target=None, augment=None, view="withheld")
+
+
 @dataclass
 class EpochViews:
     """One epoch's training inputs: data.x_train (and its target view), or an augmentation draw of them."""

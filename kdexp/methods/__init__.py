@@ -12,3 +12,4 @@ from kdexp.methods import reviewkd  # noqa: E402,F401  (knowledge review: ABF fu
 from kdexp.methods import ofd  # noqa: E402,F401  (overhaul of feature distillation: margins + partial L2)
 from kdexp.methods import srd, ickd, cwd, mgd  # noqa: E402,F401  (classifier-, channel- and mask-based feature)
 from kdexp.methods import transfer, domain  # noqa: E402,F401  (transfer learning, domain adaptation)
+from kdexp.methods import data_free  # noqa: E402,F401  (data-free: generated inputs only)

@@ -90,24 +90,40 @@ class Requirements:
     # The common keys (MethodConfig: temperature, alpha, beta, w_ce) its loss never reads: a run that
     # sets one of them gets a warning (a sweep over it gives rows that differ only by name)
     ignores: Tuple[str, ...] = ()
+    # data: its batches are samples of the training set | generated: data-free distillation, it
+    # synthesizes its own training inputs (e.g. a generator trained against the teacher): its batches
+    # withhold the training inputs and labels (x all NaN, y UNLABELED: they only count the steps of an
+    # epoch and carry positions), the teacher runs online (no output cache) and still trains on the
+    # training data with its own recipe; validation is on the real validation split
+    inputs: str = "data"
 
     TEACHER = ("none", "outputs", "weights", "self")
     LABELS = ("required", "optional", "partial")
     VIEWS = ("source", "target", "paired")
     FEATURES = ("none", "maps", "vectors", "any")
+    INPUTS = ("data", "generated")
 
     def __post_init__(self):
         common = {f.name for f in fields(MethodConfig)} - {"name"}
         if not set(self.ignores) <= common:
             raise ValueError(f"Requirements.ignores={self.ignores}: only the common keys {sorted(common)}")
         for key, allowed in (("teacher", self.TEACHER), ("labels", self.LABELS), ("views", self.VIEWS),
-                             ("features", self.FEATURES)):
+                             ("features", self.FEATURES), ("inputs", self.INPUTS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"Requirements.{key}={getattr(self, key)!r}: one of {', '.join(allowed)}")
+        if self.generated and (self.teacher != "outputs" or self.labels != "optional" or self.views == "paired"):
+            raise ValueError(f"Requirements(inputs='generated') learns from a teacher's outputs on its own inputs: it "
+                             f"takes teacher='outputs', labels='optional' and no paired views (got teacher="
+                             f"{self.teacher!r}, labels={self.labels!r}, views={self.views!r})")
 
     @property
     def uses_teacher(self) -> bool:
         return self.teacher != "none"
+
+    @property
+    def generated(self) -> bool:
+        """Data-free: the method generates its training inputs (the batches withhold the data's)."""
+        return self.inputs == "generated"
 
 
 @dataclass
