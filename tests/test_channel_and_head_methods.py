@@ -10,27 +10,24 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 from kdexp import config_dir
 from kdexp import losses as L
-from kdexp.data import load_dataset
 from kdexp.engine.optim import build_optimizer
 from kdexp.engine.plan import plan
-from kdexp.engine.teacher import FrozenTeacher, provide_teacher
+from kdexp.engine.teacher import FrozenTeacher
 from kdexp.errors import ConfigError
 from kdexp.methods import Batch, get_method, list_methods
 from kdexp.methods.srd import find_classifier
 from kdexp.models import get_model, skeleton
 from kdexp.models.taps import default_layers, run_with_features
 from kdexp.train import run
-from tests.conftest import FAST, group_options
+from tests.conftest import group_options
+from tests.test_feature_methods import cache, cfg_of, setup  # noqa: F401  (fixtures)
 from tests.test_zoo import PRESETS, preset_cfg  # noqa: F401  (the preset_cfg fixture)
 
 RNG = np.random.default_rng(2021)
 METHODS = ("srd", "ickd", "cwd", "mgd")
-SMALL_CNN = ["student=cnn", "student.args.channels=[16,32,32]"]
 
 
 def t64(a, grad=False):
@@ -184,34 +181,7 @@ def test_mgd_loss_is_the_squared_error_summed_per_sample(shape):
 
 # --------------------------------------------------------------------------- methods on digits
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture
-def cfg_of(cache, tmp_path):
-    def _compose(*overrides):
-        student = [] if any(o.startswith("student=") for o in overrides) else SMALL_CNN
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            return compose("config", overrides=[f"paths.cache_dir={cache}", f"paths.data_dir={tmp_path / 'data'}",
-                                                "hardware=cpu", *FAST, *student, *overrides])
-    yield _compose
-    GlobalHydra.instance().clear()
-
-
-@pytest.fixture
-def setup(cfg_of):
-    """setup(method, *overrides) -> (cfg, data, teacher, method): CNN 32-64-64 teacher, CNN 16-32-32 student."""
-    def _setup(name, *overrides):
-        cfg = cfg_of(f"method={name}", *overrides)
-        data = load_dataset(cfg.dataset)
-        teacher, _ = provide_teacher(plan(cfg), data)
-        torch.manual_seed(0)
-        student = get_model(cfg.student.arch, data.in_shape, data.num_classes, **cfg.student.args)
-        return cfg, data, teacher, get_method(name)(cfg.method, student, teacher)
-    return _setup
+# the fixtures of the feature methods' tests: composed configs, a module-wide teacher cache, setup()
 
 
 def batch_of(data, n=32):

@@ -20,29 +20,13 @@ from kdexp.methods import METHODS, UNLABELED, Batch, get_method, list_methods, r
 from kdexp.models import get_model
 from kdexp.train import run
 from tests.conftest import composer, group_options
+from tests.test_logit_losses import extreme, labels, rand
 from tests.test_logit_standardization import AffineTeacher, method_terms
 from tests.test_zoo import PRESETS, preset_cfg  # noqa: F401  (the fixture)
 
 METHODS_HERE = ["mlkd", "nkd", "wsld"]
 REL, ABS = 1e-5, 1e-6
 DTYPES = [torch.float32, torch.float64]
-
-
-def rand(b, c, seed, scale=3.0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, c, generator=g, dtype=torch.float64) * scale).to(dtype)
-
-
-def labels(b, c, seed):
-    return torch.randint(0, c, (b,), generator=torch.Generator().manual_seed(seed))
-
-
-def extreme(b=6, c=5, seed=0):
-    """Logits of magnitude 100 (with signs and ties), the student's requiring grad."""
-    g = torch.Generator().manual_seed(seed)
-    s = (torch.randint(-1, 2, (b, c), generator=g) * 100.0).requires_grad_(True)
-    t = torch.randint(-1, 2, (b, c), generator=g) * 100.0
-    return s, t
 
 
 def assert_finite(loss, x):
