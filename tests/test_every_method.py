@@ -84,7 +84,19 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("name", list_methods())
+def one_per_requirements(names):
+    """The methods as parameters, all but the first of each distinct declared Requirements marked
+    slow: the default run trains one method of every kind end to end, `pytest -m slow` all of them."""
+    seen, params = set(), []
+    for name in names:
+        req = requirements(name)
+        kind = (req.teacher, req.labels, req.views, req.features, req.inputs, req.cacheable, req.fusable)
+        params.append(name if kind not in seen else pytest.param(name, marks=pytest.mark.slow))
+        seen.add(kind)
+    return params
+
+
+@pytest.mark.parametrize("name", one_per_requirements(list_methods()))
 def test_trains_end_to_end_and_resumes_after_a_crash(compose_cfg, tmp_path, monkeypatch, name):
     cfg = fitting_config(compose_cfg, name)
     record_epoch = Recorder.epoch

@@ -101,6 +101,7 @@ def test_bn_students_fall_back_before_writing_anything(compose_cfg, tmp_path):
     assert not any(os.path.exists(j.run_dir) for j in jobs)
 
 
+@pytest.mark.slow  # subprocesses end to end: with the slow tests
 def test_fused_sweeper_from_the_command_line(tmp_path):
     """hydra/sweeper=fused: kd jobs train as one group, dkd jobs run separately (and say why);
     every job gets its run directory with .hydra/, metrics.json, TensorBoard and its log."""

@@ -88,6 +88,7 @@ def read(path):
         return json.load(f)
 
 
+@pytest.mark.slow  # subprocesses end to end: with the slow tests
 def test_ddp_on_two_gloo_processes_matches_one_process(compose_cfg, tmp_path):
     """torchrun --nproc_per_node=2 ... hardware=ddp (gloo): each rank trains on half of every global
     batch of 64; the result equals one process on the same batches."""

@@ -67,6 +67,7 @@ def test_a_signal_stops_the_run_at_a_recorded_point_that_resumes(tmp_path, sig, 
     assert a["final"]["train/loss"] == pytest.approx(b["final"]["train/loss"], rel=1e-6)
 
 
+@pytest.mark.slow  # subprocesses end to end: with the slow tests
 def test_a_second_process_on_a_run_directory_in_use_fails_at_once(tmp_path):
     run_dir = tmp_path / "run"
     first = start(tmp_path, run_dir, "epochs=200")  # still training while the twin starts

@@ -62,6 +62,7 @@ def test_sigkill_mid_training_then_resume_gives_identical_metrics(tmp_path):
     assert [h["val/loss"] for h in a["history"]] == [h["val/loss"] for h in b["history"]]
 
 
+@pytest.mark.slow  # subprocesses end to end: with the slow tests
 def test_sweep_with_a_failing_job_finishes_the_others_and_exits_1(tmp_path):
     sweep = tmp_path / "sweep"
     args = ["-m", "method.temperature=2,-1", "epochs=1", "teacher.epochs=1", f"hydra.sweep.dir={sweep}"]
@@ -90,6 +91,7 @@ def test_divergence_stops_at_once_naming_step_and_term(compose_cfg, tmp_path):
     assert m["status"] == "failed" and "non-finite" in m["error"]
 
 
+@pytest.mark.slow  # subprocesses end to end: with the slow tests
 def test_concurrent_joblib_jobs_train_the_teacher_once(tmp_path):
     sweep = tmp_path / "sweep"
     out = cli(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "method.temperature=2,8",
@@ -173,6 +175,7 @@ def test_same_seed_gives_bit_identical_cpu_runs(compose_cfg, tmp_path):
     assert all(torch.equal(a["method"][k], b["method"][k]) for k in a["method"])
 
 
+@pytest.mark.slow  # subprocesses end to end: with the slow tests
 def test_optuna_preset_runs_a_short_study(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "sweep"
