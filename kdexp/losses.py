@@ -27,10 +27,16 @@ def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return centered / (logits.std(dim=-1, keepdim=True) + eps)
 
 
+def kl_per_sample(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p_b || q_b) from log-probabilities (B, C) -> (B,), summed over classes. Written out
+    instead of F.kl_div, which has no vmap batching rule."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
 def kl_div_log(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """KL(p || q) from log-probabilities, summed over classes and averaged over the batch
-    ('batchmean'). Written out instead of F.kl_div, which has no vmap batching rule."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    ('batchmean')."""
+    return kl_per_sample(log_p, log_q).mean()
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -947,9 +953,9 @@ def nkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target
     log_s_target = soften(student_logits, 1.0).gather(1, idx).squeeze(1)
     p_t_target = soften(teacher_logits, 1.0).gather(1, idx).squeeze(1)
     target_term = -(p_t_target.exp() * log_s_target).mean()
-    log_q_s = soften(_non_target_logits(student_logits, target), temperature)
-    q_t = soften(_non_target_logits(teacher_logits, target), temperature).exp()
-    return target_term, -temperature ** 2 * (q_t * log_q_s).sum(-1).mean()
+    non_target = soft_cross_entropy(_non_target_logits(student_logits, target),
+                                    _non_target_logits(teacher_logits, target), temperature)
+    return target_term, non_target
 
 
 def wsld_weights(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
@@ -973,8 +979,7 @@ def weighted_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     Convention: KL, as kdexp's KD; the WSLD authors' code weighs the cross-entropy
     -sum p_t log p_s, which is larger by T^2 * mean_b w_b H(p_t,b) and has the same gradient
     (the weights carry none)."""
-    log_p, log_q = soften(teacher_logits, temperature), soften(student_logits, temperature)
-    per_sample = (log_p.exp() * (log_p - log_q)).sum(-1)
+    per_sample = kl_per_sample(soften(teacher_logits, temperature), soften(student_logits, temperature))
     return temperature ** 2 * (weights.to(per_sample.dtype) * per_sample).mean()
 
 

@@ -18,7 +18,7 @@ from kdexp.losses import srd_loss
 from kdexp.methods.base import register_method
 from kdexp.methods.feature import FeatureConfig, FeatureMethod
 from kdexp.models.connectors import Connector, flat_dim
-from kdexp.models.taps import run_with_features
+from kdexp.models.taps import probing, run_with_features
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,13 @@ def _reproduces(head: nn.Module, embedding: torch.Tensor, logits: torch.Tensor) 
     return bool(torch.allclose(out, logits, rtol=1e-3, atol=tol))
 
 
-@torch.no_grad()
 def find_classifier(model: nn.Module, layer: str, in_shape, name: Optional[str] = None,
                     what: str = "teacher") -> Tuple[str, nn.Module]:
     """(module name, module) of `model`'s classifier: the module that maps the feature tapped at
     `layer` (flattened per sample) to the model's logits. `name` picks it by module name; otherwise
     fc / classifier / linear / head / the last nn.Linear, the first that reproduces the model's
-    logits on a probe batch (eval mode; a generator of its own, so the global RNG is untouched).
+    logits on a probe batch (`probing`: eval mode, no gradients; a generator of its own, so the global
+    RNG is untouched).
     Raises a ConfigError naming method.teacher_head when none does."""
     modules = dict(model.named_modules())
     if name is not None and (not name or name not in modules):
@@ -67,16 +67,12 @@ def find_classifier(model: nn.Module, layer: str, in_shape, name: Optional[str] 
     candidates = [(name, modules[name])] if name else _candidates(model)
     device = next(iter(model.parameters()), torch.zeros(())).device
     x = torch.randn(4, *in_shape, generator=torch.Generator().manual_seed(0)).to(device)
-    was_training = model.training
-    model.eval()
-    try:
+    with probing(model):
         logits, feats = run_with_features(model, x, [layer], what)
         embedding = feats[layer].flatten(1)
         for cand_name, module in candidates:
             if _reproduces(module, embedding, logits):
                 return cand_name, module
-    finally:
-        model.train(was_training)
     tried = ", ".join(n for n, _ in candidates) or "none (no nn.Linear)"
     raise ConfigError(f"method=srd applies the {what}'s classifier to the student's feature, but no module of the "
                       f"{what} ({type(model).__name__}) maps its feature {layer} {tuple(feats[layer].shape[1:])} "

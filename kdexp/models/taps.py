@@ -237,14 +237,11 @@ def producing_batchnorms(model: nn.Module, specs: Sequence[str], in_shape: Itera
 
     handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules()
                if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.enable_grad():
+        with probing(model), torch.enable_grad():  # eval mode, but with the graph it follows
             x = torch.zeros(2, *tuple(in_shape), device=_device(model), requires_grad=True)
             _, values = run_with_features(model, x, specs, what)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return [_norm_reached(values[s].grad_fn, norms) for s in specs]
