@@ -4,25 +4,22 @@ float64 references written as numpy loops, and the methods: gradients, the froze
 classifier, the mask stream, config errors, and the four CIFAR-100 pairs on fake data (slow)."""
 import json
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-from kdexp import config_dir
 from kdexp import losses as L
 from kdexp.engine.optim import build_optimizer
 from kdexp.engine.plan import plan
 from kdexp.engine.teacher import FrozenTeacher
 from kdexp.errors import ConfigError
-from kdexp.methods import Batch, get_method, list_methods
+from kdexp.methods import Batch, get_method
 from kdexp.methods.srd import find_classifier
 from kdexp.models import get_model, skeleton
 from kdexp.models.taps import default_layers, run_with_features
 from kdexp.train import run
-from tests.conftest import group_options
 from tests.test_feature_methods import cache, cfg_of, setup  # noqa: F401  (fixtures)
 from tests.test_zoo import PRESETS, preset_cfg  # noqa: F401  (the preset_cfg fixture)
 
@@ -350,16 +347,6 @@ def test_bad_values_name_their_key(cfg_of, name, override, key):
 def test_map_methods_refuse_a_student_without_maps(cfg_of, name):
     with pytest.raises(ConfigError, match=r"spatial feature maps.*student options that fit: .*cnn"):
         plan(cfg_of(f"method={name}", "student=mlp"))
-
-
-def test_registered_with_config_files_and_readme_rows():
-    readme = open(os.path.join(os.path.dirname(config_dir()), "README.md")).read()
-    groups = next(line for line in readme.splitlines() if line.startswith("| `method` |"))
-    for name in METHODS:
-        assert name in list_methods() and name in group_options("method")
-        assert f"| `{name}` |" in readme and f"`{name}`" in groups, name
-        with open(os.path.join(config_dir(), "method", f"{name}.yaml")) as f:
-            assert f.readline().startswith("# "), name  # the paper and its formula
 
 
 # --------------------------------------------------------------------------- CIFAR-100 pairs (slow)

@@ -5,11 +5,13 @@ killed after an epoch resumes to the metrics of an uninterrupted one.
 What a method needs comes from its declared requirements (kdexp.methods.base.Requirements) and from
 the run plan: the first student option the plan accepts is the one that fits."""
 import json
+import os
 
 import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 
+from kdexp import config_dir
 from kdexp.engine.assemble import assemble, pretrain
 from kdexp.engine.fit import fit
 from kdexp.engine.hardware import Accelerator
@@ -21,7 +23,7 @@ from kdexp.engine.teacher_cache import view_registrar
 from kdexp.errors import ConfigError
 from kdexp.methods import list_methods, requirements
 from kdexp.train import run
-from tests.conftest import composer
+from tests.conftest import composer, group_options
 
 # Tiny random images (3 batches of 32) and a teacher with BatchNorm (resnet20), trained one epoch.
 BASE = ["dataset=fake", "dataset.shape=[1,8,8]", "dataset.num_classes=10", "dataset.train_size=96",
@@ -124,3 +126,15 @@ def test_trains_end_to_end_and_resumes_after_a_crash(compose_cfg, tmp_path, monk
         for k, v in hb.items():
             if not k.startswith("time/"):
                 assert ha[k] == pytest.approx(v, rel=1e-6, abs=1e-7), (name, ha["epoch"], k)
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_has_a_config_file_and_readme_rows(name):
+    """Its conf/method option (named as registered, opening with a comment: the paper and its
+    formula), its row in a README methods table and its name in the groups table's method row."""
+    readme = open(os.path.join(os.path.dirname(config_dir()), "README.md")).read()
+    groups = next(line for line in readme.splitlines() if line.startswith("| `method` |"))
+    assert name in group_options("method")
+    assert f"| `{name}` |" in readme and f"`{name}`" in groups, name
+    with open(os.path.join(config_dir(), "method", f"{name}.yaml")) as f:
+        assert f.readline().startswith("# "), name
