@@ -207,6 +207,6 @@ def test_summary_seeds_table_and_plots(tmp_path):
     plots = subprocess.run([sys.executable, str(Path(ROOT) / "scripts" / "plot.py"), str(sweep)],
                            capture_output=True, text=True, check=True).stdout.split()
     names = sorted(Path(p).name for p in plots)
-    assert names == ["acc_vs_temperature.png", "alpha_temperature.png", "learning_curves.png"]
+    assert names == ["acc_vs_temperature.png", "alpha_temperature.png", "learning_curves.png", "loss_terms.png"]
     for p in plots:
         assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Path(p).stat().st_size > 10_000
