@@ -49,6 +49,12 @@ class DatasetConfig:
     augment: str = "none"
     augment_pad: int = 4
     augment_views: int = 0
+    # Carve the validation set from the training data (this stratified fraction, fixed by split_seed):
+    # val/acc then picks the best epoch and early-stops on it, while the dataset's own held-out split
+    # (a torchvision dataset's official test split; dataset.val_fraction of digits or npz) becomes
+    # the test split, evaluated once after the last epoch (test/acc). null: val/acc is measured on
+    # that held-out split, as papers that report the test accuracy per epoch do.
+    val_from_train: Optional[float] = None
 
 
 @dataclass
@@ -163,6 +169,36 @@ class BornAgainConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """The metric that picks checkpoints/best.pt and the reported best epoch (metrics.json `best`)."""
+    metric: str = "val/acc"  # any metric of the run's epochs: val/acc, val/loss, train/loss, val/acc_target, ...
+    mode: str = "auto"  # max | min | auto (min for a loss, max otherwise)
+
+
+@dataclass
+class EarlyStopConfig:
+    """Stop a student's training after `patience` epochs without improvement of `metric`."""
+    patience: Optional[int] = None  # epochs; null: off (train all epochs)
+    metric: Optional[str] = None  # null: monitor.metric
+    mode: str = "auto"  # max | min | auto, as monitor.mode
+    min_delta: float = 0.0  # an improvement must exceed this
+
+
+@dataclass
+class DebugConfig:
+    """conf/debug (lightning-hydra-template's debug group): quick checks of a config, not results.
+    A run that trains on fewer batches than its recipe says trains its teacher into a throw-away
+    cache, so a debug teacher never stands in for a real one."""
+    name: str = "none"  # fast | overfit | limit | profile (the option's name); none: a normal run
+    train_batches: Optional[int] = None  # per epoch, for every training (teacher, first stages, student)
+    val_batches: Optional[int] = None  # validation batches (of eval_batch_size) per student epoch
+    overfit_batches: int = 0  # > 0: the student trains on the same first batches every epoch ...
+    overfit_loss: float = 0.01  # ... until its train/loss is below this
+    checkpoints: bool = True  # false: no checkpoints/ and no student.pt
+    profile_steps: int = 0  # > 0: a torch.profiler trace of this many student steps in <run dir>/profile/
+
+
+@dataclass
 class Config:
     dataset: Any = MISSING
     # Typed (not Any): an option file without `defaults: [/schema/...]` (a user's student/tiny.yaml on
@@ -195,6 +231,11 @@ class Config:
     # Born-again networks (experiment=born_again, or born_again.generations=K on any config): K+1
     # generations of one architecture, each the next one's teacher, expanded into a chain.
     born_again: BornAgainConfig = field(default_factory=BornAgainConfig)
+    # Free-form labels of the run (tags=[baseline,ablation]): in metrics.json, the HParams tab and every logger.
+    tags: List[str] = field(default_factory=list)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 # Datasets with a schema of their own (conf/dataset/<name>.yaml extends /schema/dataset/<name>);
@@ -461,6 +502,44 @@ def validate_teacher(t, key: str) -> None:
     validate_optim(t.optim, f"{key}.optim", one_loss="a teacher trains on labels alone")
 
 
+MODES = ("auto", "max", "min")
+
+
+def debugging(cfg) -> bool:
+    """Whether any debug key differs from DebugConfig's defaults (debug=..., or debug.KEY=... alone)."""
+    d = cfg.get("debug")
+    defaults = dataclasses.asdict(DebugConfig())
+    return d is not None and any(d.get(k) != v for k, v in defaults.items())
+
+
+def validate_reporting(cfg) -> None:
+    """monitor, early_stop and debug: the values a type cannot restrict. Whether a monitored metric
+    exists is known once the first epoch is measured (a method's own train/loss_<term>): the
+    recorder says so then; here only the metric's family is checked."""
+    for key in ("monitor", "early_stop"):
+        node = cfg.get(key)
+        if node is None:
+            continue
+        _check(node.mode in MODES, f"{key}.mode", node.mode, "one of " + ", ".join(MODES))
+        metric = node.metric
+        if metric is not None:
+            _check(metric.startswith(("val/", "train/")), f"{key}.metric",
+                   metric, "a per-epoch metric: val/acc, val/loss, train/loss, train/loss_<term>, val/acc_target, ... "
+                   "(test/* is measured once, at the end)")
+    es = cfg.get("early_stop")
+    if es is not None and es.patience is not None:
+        _check(es.patience >= 1, "early_stop.patience", es.patience, "must be >= 1 (or null: off)")
+        _check(es.min_delta >= 0, "early_stop.min_delta", es.min_delta, "must be >= 0")
+    d = cfg.get("debug")
+    if d is None:
+        return
+    for key in ("train_batches", "val_batches"):
+        if d.get(key) is not None:
+            _check(d[key] >= 1, f"debug.{key}", d[key], "must be >= 1 (or null: all)")
+    _check(d.overfit_batches >= 0, "debug.overfit_batches", d.overfit_batches, "must be >= 0 (0: off)")
+    _check(d.profile_steps >= 0, "debug.profile_steps", d.profile_steps, "must be >= 0 (0: off)")
+
+
 def validate(cfg) -> None:
     """Unknown keys (`check_known_keys`), a group's schema where its file gave none
     (`apply_group_schemas`), then range checks that a type system cannot express."""
@@ -490,6 +569,10 @@ def validate(cfg) -> None:
            cfg.dataset.get("label_fraction", 1.0), "must be in (0, 1]")
     _check(0.0 < cfg.dataset.val_fraction < 1.0, "dataset.val_fraction", cfg.dataset.val_fraction,
            "must be in (0, 1)")
+    if cfg.dataset.get("val_from_train") is not None:
+        _check(0.0 < cfg.dataset.val_from_train < 1.0, "dataset.val_from_train", cfg.dataset.val_from_train,
+               "must be in (0, 1) (or null: validate on the dataset's held-out split)")
+    validate_reporting(cfg)
     _check(cfg.hardware.device in ("auto", "cpu", "cuda"), "hardware.device", cfg.hardware.device,
            "one of auto, cpu, cuda")
     hw = cfg.hardware

@@ -95,3 +95,31 @@ def test_a_finished_run_rerun_with_another_config_names_the_keys(compose_cfg, tm
     assert read(tmp_path / "run" / "metrics.json")["status"] == "done"  # the finished run is untouched
     run(compose_cfg(*fast, "method.temperature=2", "force=true"), str(tmp_path / "run"))
     assert read(tmp_path / "run" / "metrics.json")["hparams"]["method.temperature"] == 2.0
+
+
+@pytest.mark.parametrize("sig,raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, RuntimeError)])
+def test_a_signal_during_an_atomic_write_waits_for_the_complete_file(tmp_path, sig, raised):
+    """Ctrl-C or SIGTERM while a checkpoint is being written: the file is finished and renamed into
+    place first, then the signal reaches its handler (torch.save interrupted midway reports an
+    unrelated error instead of the interruption)."""
+    from kdexp.io import atomic_write
+
+    def on_term(signum, _frame):
+        raise RuntimeError(f"handler got {signum}")
+
+    path = tmp_path / "last.pt"
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        def write(f):
+            f.write(b"a" * 10)
+            os.kill(os.getpid(), sig)
+            time.sleep(0.05)  # undeferred, the handler would raise here, mid-file
+            f.write(b"b" * 10)
+
+        with pytest.raises(raised):
+            atomic_write(str(path), write)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert path.read_bytes() == b"a" * 10 + b"b" * 10
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left
+    assert signal.getsignal(signal.SIGTERM) is previous

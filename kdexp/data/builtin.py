@@ -6,7 +6,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from kdexp.data.core import as_images, as_images_shape, register_dataset, split_for_validation, stratified_split
+from kdexp.data.core import (as_images, as_images_shape, fraction_held_out, register_dataset, split_for_validation,
+                              stratified_split)
 from kdexp.data.sanity import DataContentError, checked_labels
 from kdexp.errors import ConfigError
 
@@ -26,7 +27,7 @@ def _digits_arrays():
     return d.images, d.target
 
 
-@register_dataset("digits", signature=lambda cfg: ((1, 8, 8), 10))
+@register_dataset("digits", signature=lambda cfg: ((1, 8, 8), 10), held_out=fraction_held_out)
 def digits(cfg):
     """scikit-learn load_digits: 1,797 real 8x8 grayscale digits (values 0..16), 10 classes."""
     images, target = _digits_arrays()
@@ -134,7 +135,7 @@ def _inputs(arrays: dict, key: str, cfg) -> np.ndarray:
     return as_images(a.astype(np.float32))
 
 
-@register_dataset("npz", signature=npz_signature, origin=npz_origin)
+@register_dataset("npz", signature=npz_signature, origin=npz_origin, held_out=fraction_held_out)
 def npz(cfg):
     """A user file `dataset.path` with arrays x (N,...) and y (N,) of integer labels;
     optional x_val/y_val, else a stratified split of dataset.val_fraction. The class count is

@@ -8,7 +8,9 @@ the builder's raw shape and class count (before dataset.classes). `dataset_signa
 into the `Signature` that `load_dataset` would give, so a run can be checked without loading data.
 A builder whose class count only its labels tell (npz) returns num_classes None: load_dataset then
 takes the largest label + 1 and requires every class in between to have samples. Optional metadata
-`origin=fn`, fn(cfg) -> str, names the data in error messages (npz: "dataset.path='...'").
+`origin=fn`, fn(cfg) -> str, names the data in error messages (npz: "dataset.path='...'"), and
+`held_out=fn`, fn(cfg) -> str, says what its validation split is ("the official test split"): the
+`splits` of metrics.json, so a reported number says which split it was measured on.
 
 Every dataset passes the checks of kdexp.data.sanity in load_dataset, after the builder and after
 the class subset: bad data is one DataError line, valid but suspicious data a line in Data.warnings."""
@@ -16,7 +18,7 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass, field, replace
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -59,8 +61,17 @@ class Data:
     # Lines about data that is valid but probably not what was meant (load_dataset also logs each):
     # e.g. a class with no validation sample, which val/acc then does not measure.
     warnings: List[str] = field(default_factory=list)
+    # dataset.val_from_train: the dataset's held-out split, moved aside as the test split (x_val is then
+    # carved from the training data), measured once after training. None: no test split.
+    x_test: Optional[torch.Tensor] = None
+    y_test: Optional[torch.Tensor] = None
+    x_test_target: Optional[torch.Tensor] = None
+    # What each split is, in words: {"val": "the official test split"} or, with a test split,
+    # {"val": "dataset.val_from_train=0.1 of the training data ...", "test": "the official test split"}
+    splits: Dict[str, str] = field(default_factory=dict)
 
-    TENSORS = ("x_train", "y_train", "x_val", "y_val", "labeled", "x_train_target", "x_val_target")
+    TENSORS = ("x_train", "y_train", "x_val", "y_val", "labeled", "x_train_target", "x_val_target", "x_test",
+               "y_test", "x_test_target")
 
     @property
     def in_shape(self) -> Tuple[int, ...]:
@@ -71,7 +82,7 @@ class Data:
 
     def source_only(self) -> "Data":
         """The source views alone (no target view): what a teacher trains and is evaluated on."""
-        return replace(self, x_train_target=None, x_val_target=None, domain=None)
+        return replace(self, x_train_target=None, x_val_target=None, x_test_target=None, domain=None)
 
 
 # Where stratified_split keeps the index arrays it computed (set by load_dataset from paths.cache_dir):
@@ -98,6 +109,11 @@ def stratified_split(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: in
 
             atomic_write(path, lambda f: np.savez(f, train=tr, val=va))
     return x[tr], x[va], y[tr], y[va]
+
+
+def fraction_held_out(cfg) -> str:
+    """The `held_out` metadata of a dataset without its own split (digits, npz): val_fraction of it."""
+    return f"dataset.val_fraction={cfg.val_fraction:g} of the data, stratified (split_seed {cfg.split_seed})"
 
 
 def split_for_validation(x: np.ndarray, y: np.ndarray, cfg, where: str, what: str, instead: str):
@@ -216,13 +232,14 @@ def load_dataset(cfg, domain=None, cache_dir: Optional[str] = None) -> Data:
     data, a ConfigError for dataset.classes); Data.warnings lists what is valid but suspicious."""
     global _SPLIT_CACHE
     build = DATASETS.get(cfg.name)
+    where = data_origin(cfg)
     _SPLIT_CACHE = os.path.expanduser(cache_dir) if cache_dir else None
     try:
         x_tr, y_tr, x_va, y_va, num_classes = build(cfg)
+        y_tr, y_va = checked_labels(x_tr, y_tr, "training", where), checked_labels(x_va, y_va, "validation", where)
+        x_tr, y_tr, x_va, y_va, x_te, y_te, splits = _carve_validation(cfg, x_tr, y_tr, x_va, y_va, where)
     finally:
         _SPLIT_CACHE = None
-    where = data_origin(cfg)
-    y_tr, y_va = checked_labels(x_tr, y_tr, "training", where), checked_labels(x_va, y_va, "validation", where)
     derived = num_classes is None  # the builder leaves the class count to the labels
     if derived:
         num_classes = labels_num_classes(y_tr, y_va)
@@ -232,23 +249,32 @@ def load_dataset(cfg, domain=None, cache_dir: Optional[str] = None) -> Data:
         check_classes(classes, num_classes)
         x_tr, y_tr = _select_classes(x_tr, y_tr, classes, "train")
         x_va, y_va = _select_classes(x_va, y_va, classes, "val")
+        if x_te is not None:
+            x_te, y_te = _select_classes(x_te, y_te, classes, "test")
         num_classes = len(classes)
     warnings = check_class_counts(y_tr, y_va, num_classes, where, classes, derived)
     x_tr = torch.as_tensor(np.ascontiguousarray(x_tr), dtype=torch.float32)
     x_va = torch.as_tensor(np.ascontiguousarray(x_va), dtype=torch.float32)
     check_finite(x_tr, x_va, where)
+    if x_te is not None:
+        x_te = torch.as_tensor(np.ascontiguousarray(x_te), dtype=torch.float32)
+        y_te = torch.as_tensor(y_te)
     steps = domain_steps(domain)
-    x_tr_t = x_va_t = None
+    x_tr_t = x_va_t = x_te_t = None
     if steps:  # the target views, from the raw images (kdexp.data.domain)
         value_range = (float(x_tr.min()), float(x_tr.max()))
         x_tr_t = apply_transforms(x_tr, steps, "train", value_range)
         x_va_t = apply_transforms(x_va, steps, "val", value_range)
+        x_te_t = apply_transforms(x_te, steps, "test", value_range) if x_te is not None else None
     if cfg.normalize:
         dims = [0] + list(range(2, x_tr.dim()))  # per channel for images, per feature for vectors
         mean, std = x_tr.mean(dims, keepdim=True), x_tr.std(dims, keepdim=True).clamp_min(1e-6)
         x_tr, x_va = (x_tr - mean) / std, (x_va - mean) / std
         if steps:  # the source statistics: one preprocessing for both views
             x_tr_t, x_va_t = (x_tr_t - mean) / std, (x_va_t - mean) / std
+        if x_te is not None:
+            x_te = (x_te - mean) / std
+            x_te_t = (x_te_t - mean) / std if x_te_t is not None else None
         check_standardized(mean, std, [t for t in (x_tr, x_va, x_tr_t, x_va_t) if t is not None], where)
     fraction = cfg.get("label_fraction", 1.0)
     labeled = labeled_mask(y_tr, fraction, cfg.split_seed) if fraction < 1.0 else None
@@ -256,4 +282,24 @@ def load_dataset(cfg, domain=None, cache_dir: Optional[str] = None) -> Data:
         log.warning(line)
     return Data(x_tr, torch.as_tensor(y_tr), x_va, torch.as_tensor(y_va), num_classes, cfg.name, labeled,
                 x_tr_t, x_va_t, describe(steps) if steps else None,
-                augment=Augment.from_config(cfg, tuple(x_tr.shape[1:])), warnings=warnings)
+                augment=Augment.from_config(cfg, tuple(x_tr.shape[1:])), warnings=warnings,
+                x_test=x_te, y_test=y_te, x_test_target=x_te_t, splits=splits)
+
+
+def _carve_validation(cfg, x_tr, y_tr, x_va, y_va, where: str):
+    """dataset.val_from_train: the builder's validation split becomes the test split and a stratified
+    fraction of the training data the validation split -> (x_tr, y_tr, x_va, y_va, x_te, y_te,
+    splits); unset: the builder's splits as they are (no test split)."""
+    held_out = DATASETS.meta(cfg.name).get("held_out")
+    theirs = held_out(cfg) if held_out is not None else "the dataset's validation split"
+    fraction = cfg.get("val_from_train")
+    if not fraction:
+        return x_tr, y_tr, x_va, y_va, None, None, {"val": theirs}
+    try:
+        x_tr, x_new, y_tr, y_new = stratified_split(x_tr, y_tr, fraction, cfg.split_seed)
+    except ValueError as e:
+        raise DataContentError(f"{where}: no stratified split of its {len(y_tr)} training samples with "
+                               f"dataset.val_from_train={fraction} ({e}); change dataset.val_from_train") from None
+    return x_tr, y_tr, x_new, y_new, x_va, y_va, {
+        "val": f"dataset.val_from_train={fraction:g} of the training data, stratified (split_seed {cfg.split_seed})",
+        "test": f"{theirs}, measured once after the last epoch"}

@@ -11,7 +11,7 @@ from typing import Any, Dict, Tuple
 
 import numpy as np
 
-from kdexp.data.core import as_images, register_dataset, split_for_validation
+from kdexp.data.core import as_images, fraction_held_out, register_dataset, split_for_validation
 from kdexp.data.images import channels_of, pil_to_array
 from kdexp.data.sanity import DataContentError
 from kdexp.errors import ConfigError
@@ -132,7 +132,8 @@ def _num_classes(dataset):
     return len(classes) if isinstance(classes, (list, tuple)) and len(classes) >= 2 else None
 
 
-@register_dataset("custom", signature=lambda cfg: (None, None), origin=custom_origin)
+@register_dataset("custom", signature=lambda cfg: (None, None), origin=custom_origin,
+                  held_out=lambda cfg: "dataset.val" if (cfg.get("val") or {}).get("_target_") else fraction_held_out(cfg))
 def custom(cfg):
     """dataset.train (and dataset.val, else a stratified split) instantiated and read into memory."""
     where = custom_origin(cfg)

@@ -22,7 +22,8 @@ def _checked_shape(cfg) -> Tuple[int, ...]:
     return shape
 
 
-@register_dataset("fake", signature=lambda cfg: (_checked_shape(cfg), int(cfg.num_classes)))
+@register_dataset("fake", signature=lambda cfg: (_checked_shape(cfg), int(cfg.num_classes)),
+                  held_out=lambda cfg: f"random validation tensors (dataset.val_size={cfg.val_size})")
 def fake(cfg):
     """x ~ N(0, 1) of shape (N, *dataset.shape), labels cycling through the classes in random
     order; train_size / val_size samples, fixed by dataset.seed."""

@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from kdexp.data.core import register_dataset, split_for_validation
+from kdexp.data.core import fraction_held_out, register_dataset, split_for_validation
 from kdexp.data.images import channels_of, check_channels, parse_image_size, pil_to_array, stack_same_size
 from kdexp.data.sanity import DataContentError
 from kdexp.errors import ConfigError, DataError
@@ -136,7 +136,15 @@ def folder_signature(cfg):
     return (channels or channels_of(mode), h, w), len(classes)
 
 
-@register_dataset("imagefolder", signature=folder_signature, origin=folder_origin)
+def folder_held_out(cfg) -> str:
+    """What imagefolder validates on: DIR/val/ when there is one, else val_fraction of DIR/train/."""
+    try:
+        return "the val/ folder" if os.path.isdir(os.path.join(_root(cfg), "val")) else fraction_held_out(cfg)
+    except Exception:  # an unusable dataset.path: the loader reports it
+        return fraction_held_out(cfg)
+
+
+@register_dataset("imagefolder", signature=folder_signature, origin=folder_origin, held_out=folder_held_out)
 def imagefolder(cfg):
     """DIR/train/<class>/* (and DIR/val/<class>/*, else a stratified split of train) -> float32
     (N, C, H, W) in [0, 1], labels = index of the class folder in sorted order."""

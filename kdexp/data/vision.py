@@ -158,4 +158,4 @@ def _origin(name: str):
 
 for _name in _VISION:
     register_dataset(_name, signature=lambda cfg, _name=_name: (_SHAPES[_name], _VISION[_name][1]),
-                     origin=_origin(_name))(_make(_name))
+                     origin=_origin(_name), held_out=lambda cfg: "the official test split")(_make(_name))

@@ -3,7 +3,8 @@ metrics of a method (students, the extra models a method evaluates, its own metr
 
 Domain shifts (conf/domain): val/acc is the TARGET view's accuracy; val/acc_source and
 val/acc_target are both logged, and the teacher's once (teacher/val/acc_source, ...)."""
-from typing import Dict
+from dataclasses import replace
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,23 @@ def validation_metrics(method, data, accel, batch_size: int) -> Dict[str, float]
     out.update(method.extra_metrics(data))
     out.update({"val/acc": val["acc"], "val/loss": val["loss"]})
     return out
+
+
+def test_metrics(method, data, accel, batch_size: int) -> Dict[str, float]:
+    """The student's metrics on the test split (dataset.val_from_train), named test/*: what
+    validation_metrics measures on the validation split (test/acc, test/loss, test/acc_target, ...)."""
+    test = replace(data, x_val=data.x_test, y_val=data.y_test, x_val_target=data.x_test_target)
+    return {f"test/{k[len('val/'):]}": v for k, v in validation_metrics(method, test, accel, batch_size).items()
+            if k.startswith("val/")}
+
+
+def limit_validation(data, batches: Optional[int], batch_size: int):
+    """`data` with its validation split cut to `batches` batches of `batch_size` (debug.val_batches)."""
+    if not batches:
+        return data
+    n = batches * batch_size
+    return replace(data, x_val=data.x_val[:n], y_val=data.y_val[:n],
+                   x_val_target=data.x_val_target[:n] if data.x_val_target is not None else None)
 
 
 def teacher_metrics(teacher, data, batch_size: int) -> Dict[str, float]:

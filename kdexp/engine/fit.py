@@ -16,14 +16,16 @@ from kdexp.engine.optim import build_optimizer, build_scheduler
 
 def fit(stepper, source, *, optim_cfg, epochs: int, on_epoch: Optional[Callable[[int, object, dict], None]] = None,
         state: Optional[dict] = None, progress: bool = False, desc: str = "train",
-        accel: Optional[Accelerator] = None) -> List[object]:
+        accel: Optional[Accelerator] = None, profiler=None) -> List[object]:
     """Train `stepper.param_groups(optim_cfg)` for `epochs` epochs on batches of `source`; returns
     the per-epoch metrics (what `stepper.epoch_metrics` gives: a dict, or one per fused student).
 
     `state` (from a checkpoint) resumes after its last finished epoch; `on_epoch(epoch, metrics,
-    state)` gets the state to save after every epoch. `accel` (kdexp.engine.hardware) adds AMP,
+    state)` gets the state to save after every epoch, and returns True to make that epoch the last
+    (kdexp.engine.stopping). `accel` (kdexp.engine.hardware) adds AMP,
     DDP all-reduce and GPU-friendly syncs; the default is the plain CPU loop. One-off teacher
     passes (the teacher-output cache's) are left out of `time/epoch_s`: they are teacher time.
+    `profiler` (debug=profile: a torch.profiler.profile) is stepped after every optimizer step.
     """
     accel = accel or CPU
     steps = source.steps
@@ -48,6 +50,8 @@ def fit(stepper, source, *, optim_cfg, epochs: int, on_epoch: Optional[Callable[
             accel.step(optimizer)
             if per_step:
                 scheduler.step()
+            if profiler is not None:
+                profiler.step()
             for k, v in logged.items():  # epoch means, weighted by batch size
                 sums[k] = sums.get(k, 0.0) + v * (item.size / total * item.share)
             if show and step % 10 == 0 and logged:
@@ -59,11 +63,11 @@ def fit(stepper, source, *, optim_cfg, epochs: int, on_epoch: Optional[Callable[
                   "time/epoch_cpu_s": time.process_time() - c0 - fill_cpu_s}  # CPU time: robust on shared machines
         metrics = stepper.epoch_metrics(accel.reduce_sums(sums), timing, optimizer.param_groups[0]["lr"], accel)
         history.append(metrics)
-        if on_epoch is not None:
-            on_epoch(epoch, metrics, {
+        if on_epoch is not None and on_epoch(epoch, metrics, {
                 "epoch": epoch + 1, "method": stepper.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "generator": source.state_dict(),
-                "torch_rng": torch.get_rng_state(), "history": history, "accel": accel.state_dict()})
+                "torch_rng": torch.get_rng_state(), "history": history, "accel": accel.state_dict()}):
+            break  # on_epoch decided that this epoch is the last (early stopping, a threshold reached)
     stepper.train(False)
     return history
 

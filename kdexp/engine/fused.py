@@ -169,7 +169,7 @@ def _open(job: Job, k: int, jobs: Sequence[Job], p, asm, device) -> Recorder:
     """Run k's recorder, started as a fresh run; the teacher was obtained once for the group: the
     other runs got it from the cache."""
     r = Recorder(job.run_dir, job.cfg, job.overrides)
-    r.start(hparams_of(job.cfg), fresh=True)
+    r.start(hparams_of(job.cfg, job.overrides), fresh=True)
     r.record["hardware"] = {"device": str(device), "threads": torch.get_num_threads(), "processes": 1}
     r.record["plan"] = p.describe()
     r.warn(p.warnings + asm.warnings)

@@ -14,7 +14,9 @@ from kdexp.engine.fit import fit
 from kdexp.engine.hardware import Accelerator, init_distributed, select_device, shutdown_distributed
 from kdexp.engine.plan import RunPlan, plan
 from kdexp.engine.record import Recorder, hparams_of, interruptible, interruption, run_dir_lock
-from kdexp.engine.source import InMemorySource
+from kdexp.engine.evaluate import limit_validation, test_metrics
+from kdexp.engine.profile import profiled
+from kdexp.engine.source import InMemorySource, limited
 from kdexp.engine.steppers import MethodStepper
 from kdexp.engine.teacher_cache import view_registrar
 from kdexp.errors import ConfigError, KdexpError, RunInterrupted
@@ -56,7 +58,7 @@ def _run(cfg, run_dir: str, overrides, dist) -> float:
     except KdexpError as e:  # record it, so that a sweep's summary shows the failed job
         recorder.fail_early(e)
         raise
-    recorder.start(hparams_of(cfg), fresh=state is None)
+    recorder.start(hparams_of(cfg, overrides), fresh=state is None)
     with recorder.failure_recorded():
         return train(run_plan, recorder, state, dist)
 
@@ -70,6 +72,7 @@ def train(p: RunPlan, recorder: Recorder, state: Optional[dict], dist) -> float:
     recorder.record["plan"] = p.describe()
     recorder.warn(p.warnings)
     asm = assemble([p], accel)
+    recorder.record["splits"] = asm.data.splits  # what val/acc (and test/acc) are measured on
     recorder.warn(asm.warnings)
     if asm.data.augment is not None:  # what the student's draws are made of (kdexp.data.augment)
         recorder.record["augment"] = {**asm.data.augment.describe(), "seed": derive_seed(cfg.seed, "student/batches")}
@@ -87,8 +90,14 @@ def train(p: RunPlan, recorder: Recorder, state: Optional[dict], dist) -> float:
     torch.manual_seed(derive_seed(cfg.seed, "train"))  # dropout and other in-training randomness
     source = InMemorySource(asm.data, batch_size=cfg.batch_size, seed=derive_seed(cfg.seed, "student/batches"),
                             pool=p.batch_pool, dist=dist, register_view=view_registrar(asm.teacher))
-    fit(MethodStepper(method, asm.data, cfg.eval_batch_size), source, optim_cfg=cfg.optim, epochs=cfg.epochs,
-        on_epoch=recorder.epoch, state=state, progress=cfg.progress and dist.is_main, desc="student", accel=accel)
+    debug = cfg.get("debug")
+    val_data = limit_validation(asm.data, debug and debug.get("val_batches"), cfg.eval_batch_size)
+    with profiled(debug, recorder.run_dir, dist.is_main) as profiler:
+        fit(MethodStepper(method, val_data, cfg.eval_batch_size), limited(source, debug, overfit=True),
+            optim_cfg=cfg.optim, epochs=cfg.epochs, on_epoch=recorder.epoch, state=state,
+            progress=cfg.progress and dist.is_main, desc="student", accel=accel, profiler=profiler)
+    if asm.data.x_test is not None:  # dataset.val_from_train: the held-out split, once, at the end
+        recorder.test(test_metrics(method, asm.data, accel, cfg.eval_batch_size))
     if hasattr(asm.teacher, "summary"):
         recorder.record["teacher_cache"] = asm.teacher.summary()
     return recorder.done()

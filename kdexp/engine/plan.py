@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kdexp import config_dir
-from kdexp.config import ModelConfig, TeacherConfig, validate, validate_teacher
+from kdexp.config import ModelConfig, TeacherConfig, debugging, validate, validate_teacher
 from kdexp.data import dataset_signature
 from kdexp.engine.teacher import EnsembleModel, FrozenTeacher
 from kdexp.errors import ConfigError
@@ -69,7 +69,7 @@ class RunPlan:
         return {"train_view": self.train_view, "batch_pool": self.batch_pool, "train_inputs": self.train_inputs,
                 "teachers": [t.arch for t in self.teachers], "ensemble": self.ensemble,
                 "teacher_cache": self.cache.describe(), "fusable": self.fuse_reason is None,
-                "fuse_reason": self.fuse_reason}
+                "fuse_reason": self.fuse_reason, "ignores": list(self.requires.ignores)}
 
 
 def plan(cfg, overrides=()) -> RunPlan:
@@ -188,6 +188,12 @@ def fuse_reason(cfg, requires: Requirements, student: Optional[nn.Module] = None
         return "a chain (or born_again): its stages run one after the other, each as a separate run"
     if not requires.fusable:
         return f"method={name} (fused sweeps train methods whose requirements say fusable: ce and kd)"
+    if (cfg.get("early_stop") or {}).get("patience") is not None:
+        return "early_stop.patience (the students of a fused group train for the same epochs)"
+    if debugging(cfg):
+        return "a debug setting (debug runs run alone)"
+    if cfg.dataset.get("val_from_train") is not None:
+        return "dataset.val_from_train (the test split is measured by the separate run)"
     if cfg.optim.name == "dot":
         return "optim.name=dot (fused students step adam/adamw/sgd; DOT's two backward passes run separately)"
     domain = cfg.get("domain")

@@ -12,6 +12,7 @@
 Single runs and each run of a fused group get one `Recorder`; with DDP only rank 0 writes (the
 other ranks' recorders keep the record in memory and write nothing)."""
 import contextlib
+import functools
 import logging
 import os
 import shlex
@@ -30,25 +31,64 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from kdexp.data.domain import describe as describe_domain, parse_transforms
-from kdexp.engine.resume import finished_value, load_checkpoint
+from kdexp.engine.resume import finished_value, flatten, load_checkpoint
 from kdexp.engine.runinfo import write_run_info
+from kdexp.engine.stopping import Best, student_stops
 from kdexp.errors import ConfigError, KdexpError, RunInterrupted
 from kdexp.io import atomic_json_dump, atomic_torch_save, atomic_write
 
 log = logging.getLogger("kdexp")
 
 
-def hparams_of(cfg) -> dict:
-    """The run's knobs for the TensorBoard HParams tab: the method's keys and the main choices."""
-    hp = {f"method.{k}": v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items()}
-    hp.update({"dataset.name": cfg.dataset.name, "teacher.arch": cfg.teacher.arch, "student.arch": cfg.student.arch,
-               "seed": cfg.seed, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
-               "optim.name": cfg.optim.name, "optim.lr": cfg.optim.lr})
+# Always in the HParams tab, so that every run of a sweep has the same main columns; with them,
+# every method key and every key whose value differs from the defaults (default_values).
+MAIN_KEYS = ("dataset.name", "teacher.arch", "student.arch", "seed", "epochs", "batch_size", "optim.name", "optim.lr")
+# Not knobs of the experiment: where files go, how the run is executed or continued.
+NOT_HPARAMS = ("hydra", "paths", "resume", "force", "progress", "not_applied", "tags", "chain", "born_again")
+
+
+def knobs(container: dict) -> Dict[str, object]:
+    """A resolved config as {dotted key: value}, without the keys that are not the experiment's (NOT_HPARAMS)."""
+    return flatten({k: v for k, v in container.items() if k not in NOT_HPARAMS})
+
+
+@functools.lru_cache(maxsize=None)
+def default_values(config_dir: str) -> Optional[Dict[str, object]]:
+    """The knobs of the config kdexp composes with no override (conf/config.yaml's defaults), or None
+    when it cannot be composed here. Inside a Hydra app its own config search path is used."""
+    try:
+        from hydra import compose, initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+
+        if GlobalHydra.instance().is_initialized():
+            cfg = compose(config_name="config")
+        else:
+            with initialize_config_dir(config_dir, version_base="1.3"):
+                cfg = compose(config_name="config")
+        return knobs(OmegaConf.to_container(cfg, resolve=True))
+    except Exception as e:  # the HParams then list the main keys, the method's and the overridden ones
+        log.debug("no default config to compare the run's with: %s", e)
+        return None
+
+
+def hparams_of(cfg, overrides=()) -> dict:
+    """The run's knobs for the HParams tab and every logger's params: MAIN_KEYS, every method.* key
+    (a sweep across methods compares them side by side), every key that differs from the default
+    config (dataset.label_fraction, student.args.*, optim.weight_decay, ...; the keys named in
+    `overrides` when the defaults cannot be composed), the domain shift in words, and `tags`."""
+    from kdexp import config_dir
+
+    values = knobs(OmegaConf.to_container(cfg, resolve=True))
+    defaults = default_values(config_dir())
+    if defaults is None:
+        named = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+        changed = {k for k in values if k in named or any(k.startswith(n + ".") for n in named)}
+    else:
+        changed = {k for k, v in values.items() if k not in defaults or defaults[k] != v}
+    hp = {k: values[k] for k in values if k in MAIN_KEYS or k.startswith("method.") or k in changed}
     if cfg.get("domain") is not None and cfg.domain.get("transforms"):
         hp["domain"] = describe_domain(parse_transforms(cfg.domain))
-    if cfg.dataset.get("augment", "none") != "none":
-        hp["dataset.augment"] = cfg.dataset.augment
-        hp["dataset.augment_views"] = cfg.dataset.augment_views
+    hp["tags"] = ",".join(str(t) for t in cfg.get("tags") or [])
     return hp
 
 
@@ -133,6 +173,13 @@ def snapshot(obj):
     return obj
 
 
+def epoch_summary(metrics: Dict[str, float], note: str = "") -> str:
+    """An epoch's log line after "epoch k/n": its losses and accuracies and how long it took."""
+    shown = ["train/loss", "val/acc", "val/loss", "val/acc_source", "val/acc_target"]
+    return ("  ".join(f"{k} {metrics[k]:.4f}" for k in shown if k in metrics)
+            + f"  ({metrics['time/epoch_s']:.2f}s{note})")
+
+
 def _hparam_value(v):
     if isinstance(v, (bool, int, float, str)):
         return v
@@ -150,6 +197,11 @@ class Recorder:
         self.t0 = time.time()
         self._resolved = None  # the resolved config for checkpoints, converted once (it costs ms)
         self._unsaved: Optional[dict] = None  # the last finished epoch's state, when not checkpointed yet
+        monitor = cfg.get("monitor")
+        self.monitor = Best(monitor.metric, monitor.mode) if monitor is not None else Best("val/acc")
+        self.stops = student_stops(cfg)  # early stopping, debug=overfit's loss threshold
+        debug = cfg.get("debug")
+        self.keeps_checkpoints = debug is None or debug.get("checkpoints", True)
 
     # -- before the run -------------------------------------------------------------------------
     def finished_value(self) -> Optional[float]:
@@ -160,6 +212,8 @@ class Recorder:
         """The fit state of an interrupted run to continue (its record is taken over), or None."""
         state, record = load_checkpoint(self.cfg, self.run_dir)
         self.record = record or {}
+        for watch in [self.monitor] + [rule.best for rule in self.stops if hasattr(rule, "best")]:
+            watch.replay(self.record.get("history", []))  # the best epoch and patience so far
         return state
 
     def fail_early(self, e: BaseException) -> None:
@@ -173,7 +227,7 @@ class Recorder:
         """Open the run directory: a fresh run drops old curves; run_info, TensorBoard, metrics.json."""
         self.hparams = {k: _hparam_value(v) for k, v in hparams.items()}
         self.record.update({"status": "running", "overrides": self.overrides, "hparams": self.hparams,
-                            "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+                            "tags": list(self.cfg.get("tags") or []), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
         self.record.setdefault("history", [])
         if not self.main:
             return
@@ -195,36 +249,54 @@ class Recorder:
             self.tb.flush()
 
     def teacher(self, info: dict) -> None:
-        """The teacher's record {source, key, val/acc, ...} and its accuracies at step 0."""
+        """The teacher's record {source, key, val/acc, history, ...}: its training curves as
+        teacher/train/loss, teacher/val/acc, ... at the teacher's epochs, and the accuracies its
+        history lacks (a loaded checkpoint's; the domain views') at step 0."""
         self.record["teacher"] = info
-        self.scalars({f"teacher/{k}": v for k, v in info.items() if k.startswith("val/") and v is not None}, 0)
+        history = info.get("history") or []
+        for h in history:
+            self.scalars({f"teacher/{k}": v for k, v in h.items() if k != "epoch"}, h["epoch"])
+        curves = {k for h in history for k in h}
+        self.scalars({f"teacher/{k}": v for k, v in info.items()
+                      if k.startswith("val/") and v is not None and k not in curves}, 0)
+
+    def test(self, metrics: Dict[str, float]) -> None:
+        """The test split's metrics (dataset.val_from_train), measured once after the last epoch."""
+        self.record["final"].update(metrics)
+        self.scalars(metrics, len(self.record["history"]))
+        log.info("test split (%s): %s", self.record.get("splits", {}).get("test", "test"),
+                 "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     def epoch(self, epoch: int, metrics: Dict[str, float], state: Optional[dict] = None, note: str = "",
-              extra: Optional[dict] = None) -> None:
-        """One finished epoch: TensorBoard, metrics.json, the log line, and checkpoints/last.pt every
-        checkpoint_every epochs and after the last (`state` from the fit loop)."""
+              extra: Optional[dict] = None) -> bool:
+        """One finished epoch: TensorBoard, metrics.json, the log line, checkpoints/last.pt every
+        checkpoint_every epochs and after the last, checkpoints/best.pt when monitor.metric improved
+        (`state` from the fit loop). -> True when this epoch is the last (early_stop, debug=overfit)."""
         cfg = self.cfg
         self.scalars(metrics, epoch + 1)
         self.record["history"].append({"epoch": epoch + 1, **metrics})
-        improved = metrics["val/acc"] > self.record.get("best", {}).get("val/acc", -1.0)
+        improved = self.monitor.update(epoch + 1, metrics)
         if improved:
-            self.record["best"] = {"val/acc": metrics["val/acc"], "epoch": epoch + 1}
+            self.record["best"] = {**self.monitor.describe(), **{k: v for k, v in metrics.items() if k.startswith("val/")}}
         self.record["final"] = {k: v for k, v in metrics.items() if k.startswith(("val/", "train/"))}
         self.record["val/acc"] = metrics["val/acc"]
+        stop = next((why for why in (rule(epoch + 1, metrics) for rule in self.stops) if why), None)
+        if stop:
+            self.record["stopped"] = {"epoch": epoch + 1, "of": cfg.epochs, "reason": stop}
         self.write()
-        log.info("epoch %d/%d  train/loss %.4f  val/acc %.4f  val/loss %.4f%s  (%.2fs%s)", epoch + 1, cfg.epochs,
-                 metrics["train/loss"], metrics["val/acc"], metrics["val/loss"],
-                 "".join(f"  {k} {metrics[k]:.4f}" for k in ("val/acc_source", "val/acc_target") if k in metrics),
-                 metrics["time/epoch_s"], note, extra=extra)
-        if state is None:
-            return
-        due = (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs
+        log.info("epoch %d/%d  %s", epoch + 1, cfg.epochs, epoch_summary(metrics, note), extra=extra)
+        if stop:
+            log.info("%s: training stops after epoch %d of %d", stop, epoch + 1, cfg.epochs, extra=extra)
+        if state is None or not self.keeps_checkpoints:
+            return bool(stop)
+        due = (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs or bool(stop)
         if due:
             self.checkpoint(state)
         else:  # kept, so that an interruption before the next checkpoint loses nothing
             self._unsaved = snapshot(state) if self.main else state
         if improved:
             self.best(state, copy_last=due)
+        return bool(stop)
 
     def _contents(self, state: dict) -> dict:
         """What a checkpoint file holds: the fit state, the teacher's key and the resolved config."""
@@ -241,7 +313,7 @@ class Recorder:
         self.save_student(state)
 
     def best(self, state: dict, copy_last: bool) -> None:
-        """checkpoints/best.pt: last.pt's content at an epoch that improved on the best val/acc.
+        """checkpoints/best.pt: last.pt's content at an epoch that improved on monitor.metric's best.
         Written only on improvement; when last.pt was just written with this state, it is copied
         (no second serialization)."""
         if not self.main:
@@ -298,8 +370,11 @@ class Recorder:
             self.record["final"].update({f"teacher/{k}": v for k, v in teacher.items() if k.startswith("val/")})
         self.finish("done")
         final = float(self.record["final"]["val/acc"])
-        log.info("done: val/acc %.4f (best %.4f at epoch %d), teacher %s -> %s", final, self.record["best"]["val/acc"],
-                 self.record["best"]["epoch"], teacher.get("source", "none"), self.run_dir, extra=extra)
+        best = self.record["best"]
+        there = "" if best.get("metric", "val/acc") == "val/acc" else f", val/acc {best['val/acc']:.4f} there"
+        log.info("done: val/acc %.4f (best %s %.4f at epoch %d%s), teacher %s -> %s", final,
+                 best.get("metric", "val/acc"), best.get("value", best["val/acc"]), best["epoch"], there,
+                 teacher.get("source", "none"), self.run_dir, extra=extra)
         return final
 
     @contextlib.contextmanager

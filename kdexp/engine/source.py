@@ -171,3 +171,45 @@ class StackedSource:
             if labeled is not None:
                 y = y.masked_fill(~labeled, UNLABELED)
             yield Step(Batch.sampled(data.view, data.x_train[idx], y, idx, labeled), idx.shape[1], 1.0)
+
+
+class LimitedSource:
+    """The first `batches` batches of every epoch of `source` (debug.train_batches); with `repeat`
+    the same ones every epoch, those of the first epoch (debug=overfit), so a student that learns
+    drives their loss towards 0. The epoch's sample count is that of the batches kept."""
+
+    def __init__(self, source, batches: int, repeat: bool = False):
+        self.source, self.repeat = source, repeat
+        self.steps = min(batches, source.steps)
+        self.data = getattr(source, "data", None)
+        self._first = _cloned(source.state_dict()) if repeat else None
+
+    def state_dict(self):
+        return self.source.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.source.load_state_dict(state)
+
+    def epoch(self, epoch: int) -> Tuple[int, Iterator[Step]]:
+        if self.repeat:
+            self.source.load_state_dict(_cloned(self._first))
+        _, steps = self.source.epoch(0 if self.repeat else epoch)
+        kept = [s for _, s in zip(range(self.steps), steps)]
+        return sum(s.size for s in kept), iter(kept)
+
+
+def _cloned(state):
+    return [s.clone() for s in state] if isinstance(state, list) else state.clone()
+
+
+def limited(source, debug, overfit: bool = False):
+    """`source` as the debug config says (conf/debug): batches capped at debug.train_batches (every
+    training: teachers, first stages, students); with `overfit` (the student's loop) and
+    debug.overfit_batches, the first ones repeated every epoch. No debug node: `source` itself."""
+    if debug is None:
+        return source
+    if overfit and debug.get("overfit_batches"):
+        return LimitedSource(source, debug.overfit_batches, repeat=True)
+    if debug.get("train_batches"):
+        return LimitedSource(source, debug.train_batches)
+    return source

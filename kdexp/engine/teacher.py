@@ -4,12 +4,14 @@ it under paths.cache_dir, keyed by a hash of everything that determines it. Writ
 and under a file lock, so parallel sweep jobs train it once. An ensemble's members (`teachers=
 [...]`) are provided the same way and their softmax outputs averaged."""
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import pickletools
 import re
+import tempfile
 import time
 import zipfile
 from dataclasses import replace
@@ -23,11 +25,12 @@ from omegaconf import OmegaConf
 from kdexp.data import Data, load_dataset
 from kdexp.engine.evaluate import evaluate
 from kdexp.engine.fit import fit
-from kdexp.engine.record import student_weights
-from kdexp.engine.source import InMemorySource
+from kdexp.engine.record import epoch_summary, student_weights
+from kdexp.engine.source import InMemorySource, limited
+from kdexp.engine.stopping import Threshold
 from kdexp.engine.steppers import MethodStepper
 from kdexp.errors import ConfigError
-from kdexp.io import atomic_torch_save
+from kdexp.io import atomic_json_dump, atomic_torch_save
 from kdexp.losses import ensemble_log_probs
 from kdexp.methods import Batch, get_method
 from kdexp.models import builder_fingerprint, get_model
@@ -76,10 +79,6 @@ class EnsembleModel(nn.Module):
         return ensemble_log_probs([m(x) for m in self.members])
 
 
-class _ReachedAccuracy(Exception):
-    """Raised from the teacher's epoch callback to stop at teacher.stop_at_acc."""
-
-
 def data_fingerprint(data: Data) -> str:
     """Cheap content hash of the training set (a strided sample of x, all of y)."""
     h = hashlib.sha256()
@@ -113,19 +112,25 @@ def teacher_key(tcfg, dataset_cfg, data: Data) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _train(tcfg, data: Data, eval_batch_size: int, progress: bool) -> torch.nn.Module:
+def _train(tcfg, data: Data, eval_batch_size: int, progress: bool, debug=None) -> Tuple[nn.Module, List[dict]]:
+    """Train a teacher on labels (ce) with its own recipe -> (model in eval mode, its history: one
+    dict of train/* and val/* metrics per epoch, logged as it goes)."""
     torch.manual_seed(derive_seed(tcfg.seed, "teacher/init"))
     model = get_model(tcfg.arch, data.in_shape, data.num_classes, **tcfg.args).to(data.x_train.device)
     ce = get_method("ce")(OmegaConf.create({"w_ce": 1.0, "alpha": 0.0, "temperature": 1.0}), model)
     stop = tcfg.get("stop_at_acc")
+    reached = Threshold("val/acc", stop, "max", "teacher.stop_at_acc") if stop is not None else None
     log.info("training teacher %s for %d epochs%s (cached afterwards)", tcfg.arch, tcfg.epochs,
              "" if stop is None else f", or until val/acc >= {stop}")
+    history: List[dict] = []
 
     def on_epoch(epoch, metrics, _state):
-        if stop is not None and metrics["val/acc"] >= stop:
-            log.info("teacher val/acc %.4f >= teacher.stop_at_acc=%s after epoch %d: stopped", metrics["val/acc"],
-                     stop, epoch + 1)
-            raise _ReachedAccuracy()
+        history.append({"epoch": epoch + 1, **{k: v for k, v in metrics.items() if k.startswith(("train/", "val/"))}})
+        log.info("teacher epoch %d/%d  %s", epoch + 1, tcfg.epochs, epoch_summary(metrics))
+        why = reached(epoch + 1, metrics) if reached is not None else None
+        if why:
+            log.info("teacher: %s after epoch %d: stopped", why, epoch + 1)
+        return bool(why)
 
     # labeled=None: the teacher learns from every training label (a transfer set only hides labels
     # from the student, as in Hinton et al.'s 3 % experiment)
@@ -135,13 +140,11 @@ def _train(tcfg, data: Data, eval_batch_size: int, progress: bool) -> torch.nn.M
                              labeled=None)
     if data.augment is not None:  # fresh draws every epoch (augment_views is the student's setting)
         train_data = replace(train_data, augment=replace(data.augment, views=0))
-    source = InMemorySource(train_data, batch_size=tcfg.batch_size, seed=derive_seed(tcfg.seed, "teacher/batches"))
-    try:
-        fit(MethodStepper(ce, train_data, eval_batch_size, desc="teacher"), source, optim_cfg=tcfg.optim,
-            epochs=tcfg.epochs, on_epoch=on_epoch, progress=progress, desc="teacher")
-    except _ReachedAccuracy:
-        pass
-    return model.eval()
+    source = limited(InMemorySource(train_data, batch_size=tcfg.batch_size,
+                                    seed=derive_seed(tcfg.seed, "teacher/batches")), debug)
+    fit(MethodStepper(ce, train_data, eval_batch_size, desc="teacher"), source, optim_cfg=tcfg.optim,
+        epochs=tcfg.epochs, on_epoch=on_epoch, progress=progress, desc="teacher")
+    return model.eval(), history
 
 
 def _reason(e: Exception) -> str:
@@ -329,26 +332,61 @@ def _provide_one(tcfg, cfg, data: Data) -> Tuple[torch.nn.Module, dict]:
         dataset_cfg = OmegaConf.merge(cfg.dataset, {"classes": list(tcfg.classes)})
         data = load_dataset(dataset_cfg, cache_dir=cfg.paths.cache_dir).to(device)
     model = get_model(tcfg.arch, data.in_shape, data.num_classes, **tcfg.args)
+    history: List[dict] = []
     if tcfg.checkpoint:
         _load_state(os.path.expanduser(tcfg.checkpoint), model, "teacher.checkpoint")
         source, key = "checkpoint", os.path.abspath(tcfg.checkpoint)
     else:
         key = teacher_key(tcfg, dataset_cfg, data)
-        folder = os.path.join(os.path.expanduser(cfg.paths.cache_dir), "teachers")
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"{re.sub(r'[^A-Za-z0-9_.-]', '_', tcfg.arch)}-{key}.pt")  # mymodels:Net
-        with FileLock(path + ".lock"):  # concurrent jobs wait here while one trains
-            if os.path.isfile(path):
-                _load_state(path, model, "teacher cache file")
-                source = "cache"
-            else:
-                t0 = time.perf_counter()
-                model = _train(tcfg, data, cfg.eval_batch_size, cfg.progress)
-                atomic_torch_save({"state_dict": model.state_dict(), "arch": tcfg.arch,
-                                   "config": OmegaConf.to_container(tcfg, resolve=True)}, path)
-                log.info("teacher trained in %.1fs, cached at %s", time.perf_counter() - t0, path)
-                source = "trained"
+        debug = cfg.get("debug")
+        throwaway = debug is not None and debug.get("train_batches") is not None
+        with _cache_folder(cfg, throwaway) as folder:
+            path = os.path.join(folder, f"{re.sub(r'[^A-Za-z0-9_.-]', '_', tcfg.arch)}-{key}.pt")  # mymodels:Net
+            with FileLock(path + ".lock"):  # concurrent jobs wait here while one trains
+                if os.path.isfile(path):
+                    _load_state(path, model, "teacher cache file")
+                    history = _read_history(path)
+                    source = "cache"
+                else:
+                    t0 = time.perf_counter()
+                    model, history = _train(tcfg, data, cfg.eval_batch_size, cfg.progress, debug)
+                    atomic_json_dump(history, path + HISTORY)  # before the weights: a cached teacher has its curves
+                    atomic_torch_save({"state_dict": model.state_dict(), "arch": tcfg.arch,
+                                       "config": OmegaConf.to_container(tcfg, resolve=True)}, path)
+                    log.info("teacher trained in %.1fs, %s", time.perf_counter() - t0,
+                             f"not cached: debug.train_batches={debug.train_batches} (a throw-away cache)"
+                             if throwaway else f"cached at {path}")
+                    source = "trained"
     model = model.to(device).eval()
     acc = evaluate(model, data.x_val, data.y_val, cfg.eval_batch_size)["acc"]
     log.info("teacher %s (%s): val/acc %.4f", tcfg.arch, source, acc)
-    return model, {"source": source, "key": key, "val/acc": acc}
+    info = {"source": source, "key": key, "val/acc": acc}
+    if history:
+        info["history"] = history
+    return model, info
+
+
+HISTORY = ".history.json"  # beside a cached teacher's weights: its per-epoch metrics
+
+
+def _read_history(path: str) -> List[dict]:
+    """A cached teacher's training curves (none for a cache file written before they were kept)."""
+    try:
+        with open(path + HISTORY) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return []
+
+
+@contextlib.contextmanager
+def _cache_folder(cfg, throwaway: bool):
+    """<paths.cache_dir>/teachers, or a temporary folder removed afterwards when the teacher trains
+    on fewer batches than its recipe (debug.train_batches): its key does not say so, and it must
+    never stand in for the real teacher of a later run."""
+    if throwaway:
+        with tempfile.TemporaryDirectory(prefix="kdexp-debug-teachers-") as folder:
+            yield folder
+        return
+    folder = os.path.join(os.path.expanduser(cfg.paths.cache_dir), "teachers")
+    os.makedirs(folder, exist_ok=True)
+    yield folder
