@@ -104,9 +104,22 @@ def test_twelve_runs_of_a_panel_get_twelve_colours(sweep):
 
 def test_seeds_share_a_configuration_and_ignored_keys_make_none():
     kd = [plots.Run("a", "kd", {"method.temperature": "4", "seed": str(s)}) for s in (0, 1)]
-    ce = [plots.Run("b", "ce", {"method.temperature": t, "seed": "0"}) for t in ("1", "4")]
+    ce = [plots.Run("b", "ce", {"method.temperature": t, "seed": "0"}, ignores=("method.temperature",))
+          for t in ("1", "4")]
     colours = plots.assign_colours(kd + ce)
     assert len(colours) == 2 and kd[0].config == kd[1].config and ce[0].config == ce[1].config
+
+
+def test_what_a_method_ignores_is_read_from_its_recorded_plan(tmp_path):
+    for name, plan in (("recorded", {"ignores": ["temperature", "alpha", "beta"]}), ("old", None)):
+        m = {"status": "done", "hparams": {"method.name": "lsr" if plan else "ce"}, "overrides": []}
+        if plan:
+            m["plan"] = plan
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(m))
+    runs = {r.name: r for r in plots.load_runs(tmp_path)}
+    assert runs["recorded"].ignores == ("method.temperature", "method.alpha", "method.beta")
+    assert runs["old"].ignores == plots.IGNORES["ce"] and runs["old"].ignores_temperature
 
 
 def test_legend_labels_hold_only_the_varying_overrides(sweep):

@@ -36,10 +36,10 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 HIDDEN_KEYS = ("paths.", "hydra.", "dataset.root", "dataset.path", "teacher.checkpoint")
 # Keys a configuration is not told apart by: the method has its own panel, seeds are averaged.
 NOT_LABELS = ("method", "seed")
-# What a method ignores (its Requirements.ignores, which a report cannot import): overriding it makes no
-# new configuration, and a method that ignores temperature is a reference line in acc_vs_temperature.
+# What a method ignores: its Requirements.ignores, recorded in metrics.json (`plan.ignores`); overriding
+# it makes no new configuration, and a method that ignores temperature is a reference line in
+# acc_vs_temperature. For runs recorded before metrics.json held it: ce's.
 IGNORES = {"ce": ("method.temperature", "method.alpha")}
-IGNORES_T = {m for m, keys in IGNORES.items() if "method.temperature" in keys}
 CURVES = ("val/acc", "train/loss")
 TERM_PREFIX = "train/loss_"
 PNG_DPI = 110
@@ -58,12 +58,17 @@ class Run:
     best: dict = field(default_factory=dict)
     history: List[dict] = field(default_factory=list)
     teacher: dict = field(default_factory=dict)
+    ignores: Tuple[str, ...] = ()  # the method.* keys its method ignores (method.temperature, ...)
+
+    @property
+    def ignores_temperature(self) -> bool:
+        return "method.temperature" in self.ignores
 
     @property
     def config(self) -> Config:
         """The runs that differ only by seed, or by keys their method ignores, share a configuration
         (one line, one colour)."""
-        skip = NOT_LABELS + IGNORES.get(self.method, ())
+        skip = NOT_LABELS + self.ignores
         return self.method, tuple(sorted((k, v) for k, v in self.overrides.items() if k not in skip))
 
 
@@ -89,9 +94,13 @@ def read_run(path: Path, root: Path) -> Optional[Run]:
         return None
     hp = m.get("hparams") or {}
     overrides = parse_overrides(m.get("overrides") or [])
-    return Run(name=str(path.parent.relative_to(root)), method=str(hp.get("method.name", overrides.get("method", "?"))),
+    method = str(hp.get("method.name", overrides.get("method", "?")))
+    recorded = (m.get("plan") or {}).get("ignores")
+    ignores = tuple(f"method.{k}" for k in recorded) if recorded is not None else IGNORES.get(method, ())
+    return Run(name=str(path.parent.relative_to(root)), method=method,
                overrides=overrides, hparams=hp, final=m.get("final") or {}, best=m.get("best") or {},
-               history=[h for h in m.get("history") or [] if isinstance(h, dict)], teacher=m.get("teacher") or {})
+               history=[h for h in m.get("history") or [] if isinstance(h, dict)], teacher=m.get("teacher") or {},
+               ignores=ignores)
 
 
 def load_runs(root: Path) -> List[Run]:
@@ -320,29 +329,30 @@ def seed_counts(counts: Sequence[int]) -> str:
 def temperature_lines(runs: Sequence[Run], metric: str) -> Dict[str, Dict[float, List[float]]]:
     """label -> {temperature: values over seeds}: one line per method (per method and alpha when
     alpha varies among the methods that use it)."""
-    alphas = {r.hparams.get("method.alpha") for r in runs if r.method not in IGNORES_T}
+    alphas = {r.hparams.get("method.alpha") for r in runs if not r.ignores_temperature}
     lines: Dict[str, Dict[float, List[float]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
         t, value = r.hparams.get("method.temperature"), metric_value(r, metric)
-        if value is None or (t is None and r.method not in IGNORES_T):
+        if value is None or (t is None and not r.ignores_temperature):
             continue
         alpha = r.hparams.get("method.alpha")
-        split = len(alphas) > 1 and r.method not in IGNORES_T and alpha is not None
+        split = len(alphas) > 1 and not r.ignores_temperature and alpha is not None
         lines[f"{r.method} alpha={alpha:g}" if split else r.method][t].append(value)
     return lines
 
 
 def acc_vs_temperature_figure(runs: Sequence[Run], metric: str):
-    """Error bars = std over seeds, n in the legend; methods that ignore temperature (IGNORES_T) are a
+    """Error bars = std over seeds, n in the legend; methods that ignore temperature (Run.ignores) are a
     dashed line at their mean over all their runs with a +-std band, since their temperature means nothing."""
     lines = temperature_lines(runs, metric)
-    temps = sorted({t for label, ts in lines.items() if label not in IGNORES_T for t in ts if t is not None})
+    flat = {r.method for r in runs if r.ignores_temperature}  # their lines are labelled by the method alone
+    temps = sorted({t for label, ts in lines.items() if label not in flat for t in ts if t is not None})
     if len(temps) < 2:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 4.4))
     colours = dict(zip(sorted(lines), distinct_colours(len(lines))))
     for label, ts in sorted(lines.items()):
-        if label in IGNORES_T:
+        if label in flat:
             mean, std = mean_std([v for vs in ts.values() for v in vs])
             n = sum(len(vs) for vs in ts.values())
             ax.axhline(mean, color=colours[label], linestyle="--", label=f"{label} (n={n}, ignores temperature)")
@@ -368,7 +378,7 @@ def alpha_temperature_cells(runs: Sequence[Run], metric: str) -> Dict[str, Dict[
     by: Dict[str, Dict[Tuple[float, float], List[float]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
         a, t, value = r.hparams.get("method.alpha"), r.hparams.get("method.temperature"), metric_value(r, metric)
-        if r.method not in IGNORES_T and None not in (a, t, value):
+        if not r.ignores_temperature and None not in (a, t, value):
             by[r.method][(a, t)].append(value)
     return {m: cells for m, cells in by.items() if len({a for a, _ in cells}) > 1 and len({t for _, t in cells}) > 1}
 
