@@ -168,8 +168,8 @@ class Stage:
 
 def register_method(name: str, config):
     """Register a Method subclass under `name` with its config dataclass (a MethodConfig); its
-    `requires` (Requirements) and its description (the docstring's first line, shown by --help and
-    kdexp.catalog) are kept as registry metadata beside it."""
+    `requires` (Requirements) and its description (the one-line paragraph that opens its docstring,
+    kdexp.registry.doc_summary; shown by --help and kdexp.catalog) are kept as registry metadata."""
     def decorator(cls):
         if not isinstance(getattr(cls, "requires", None), Requirements):
             raise TypeError(f"method {name!r}: {cls.__name__}.requires must be a Requirements")
