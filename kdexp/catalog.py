@@ -40,6 +40,10 @@ RUN_KEYS = {
              "[]: one run",
     "born_again": "born-again networks (experiment=born_again): K students of one architecture, each the "
                   "next one's teacher, then their ensemble",
+    "tags": "free-form labels of the run (tags=[baseline,ablation]): in metrics.json, the HParams tab and every "
+            "logger",
+    "monitor": "the metric (and max | min | auto) that picks checkpoints/best.pt and the reported best epoch",
+    "early_stop": "stop the student after patience epochs in which metric did not improve (patience null: off)",
     "not_applied": "set by kdexp's sweeper: overrides of a sweep across methods that this job's method has no "
                    "key for (recorded, not applied)",
 }
