@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from kdexp.catalog import help_config
 from kdexp.data.domain import validate_domain
 from kdexp.errors import ConfigError
 from kdexp.methods import METHODS, MethodConfig, OptimConfig  # noqa: F401  (the method schemas; re-exported)
@@ -245,8 +246,10 @@ DATASET_SCHEMAS = {"fake": FakeDatasetConfig, "imagefolder": ImageFolderDatasetC
 
 def register_configs() -> None:
     """Store the schemas in Hydra's ConfigStore. Method schemas come from the method
-    registry."""
+    registry. Also kdexp's --help (hydra/help=kdexp, selected in conf/config.yaml), built now from
+    the registries and conf/ (kdexp.catalog)."""
     cs = ConfigStore.instance()
+    cs.store(group="hydra/help", name="kdexp", node=help_config(Config))
     cs.store(name="base_config", node=Config)
     cs.store(group="schema/dataset", name="base", node=DatasetConfig)
     for name, schema in DATASET_SCHEMAS.items():

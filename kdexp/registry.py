@@ -1,8 +1,16 @@
 """One small strict registry type for models, datasets and methods."""
 import difflib
+import inspect
 from typing import Callable, Dict, Iterator, List
 
 from kdexp.errors import ConfigError
+
+
+def doc_summary(obj) -> str:
+    """The first paragraph of `obj`'s docstring on one line ("" without one): how listings and --help
+    (kdexp.catalog) describe a registered entry, so a new entry is described where it is written."""
+    doc = inspect.getdoc(obj) or ""
+    return " ".join(doc.split("\n\n", 1)[0].split())
 
 
 class UnknownNameError(ConfigError, KeyError):

@@ -49,6 +49,8 @@ LAYER_RULES: Tuple[Tuple[Tuple[str, ...], Tuple[str, ...], str], ...] = (
      "models and losses know nothing of datasets"),
     (("kdexp.methods", "kdexp.models", "kdexp.data", "kdexp.losses"), ("kdexp.config",),
      "structured configs sit above methods (kdexp.config imports the method registry)"),
+    (("kdexp.catalog",), ("kdexp.engine",),
+     "listings and --help describe the registries: they need no engine"),
 )
 
 MAX_FUNCTION_LINES = 70

@@ -18,7 +18,7 @@ from omegaconf import MISSING
 
 from kdexp.errors import ConfigError
 from kdexp.losses import ce_loss, standardize_logits
-from kdexp.registry import Registry
+from kdexp.registry import Registry, doc_summary
 
 METHODS = Registry("method")
 list_methods = METHODS.names
@@ -168,11 +168,14 @@ class Stage:
 
 def register_method(name: str, config):
     """Register a Method subclass under `name` with its config dataclass (a MethodConfig); its
-    `requires` (Requirements) is kept as registry metadata beside it."""
+    `requires` (Requirements) and its description (the one-line paragraph that opens its docstring,
+    kdexp.registry.doc_summary; shown by --help and kdexp.catalog) are kept as registry metadata."""
     def decorator(cls):
         if not isinstance(getattr(cls, "requires", None), Requirements):
             raise TypeError(f"method {name!r}: {cls.__name__}.requires must be a Requirements")
-        return METHODS.register(name, config=config, requires=cls.requires)(cls)
+        if not cls.__doc__:  # its own docstring: a subclass would otherwise show its parent's description
+            raise TypeError(f"method {name!r}: {cls.__name__} needs a docstring whose first line describes it")
+        return METHODS.register(name, config=config, requires=cls.requires, description=doc_summary(cls))(cls)
 
     return decorator
 

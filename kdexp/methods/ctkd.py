@@ -78,7 +78,9 @@ def _check(cfg) -> None:
 
 @register_method("ctkd", config=CTKDConfig)
 class CTKD(Method):
-    """CTKD on top of KD or DKD (`method.base`):
+    """Li et al. AAAI 2023: KD or DKD at a temperature learned adversarially (curriculum temperature)
+
+    CTKD on top of KD or DKD (`method.base`):
     w_ce * CE + alpha * KD(T)  or  w_ce * CE + alpha * warm-up * (dkd_alpha * TCKD(T) + dkd_beta * NCKD(T)),
     T = temperature_min + temperature_span * sigmoid(theta) learned by the student's optimizer with
     theta's gradient reversed and scaled by lambda = ctkd_lambda(epoch) (epochs counted from 1).

@@ -24,7 +24,9 @@ class CWDConfig(FeatureConfig):
 
 @register_method("cwd", config=CWDConfig)
 class CWD(FeatureMethod):
-    """CWD (Shu et al. ICCV 2021, arXiv 2011.13256): at the last stage, the student's map (through
+    """Shu et al. ICCV 2021: the teacher's last-stage maps softened per channel over positions (KL)
+
+    CWD (Shu et al. ICCV 2021, arXiv 2011.13256): at the last stage, the student's map (through
     kdexp's Connector, resize + 1x1 conv + BN, when its shape differs from the teacher's; mmrazor
     aligns channels with a plain 1x1 conv) and the teacher's are softened per channel over H*W
     at temperature tau; term = beta * tau^2 * sum over channels of KL(teacher || student) / (B*C)."""

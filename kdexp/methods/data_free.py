@@ -104,7 +104,9 @@ class DAFLConfig(DataFreeConfig):
 
 @register_method("dafl", config=DAFLConfig)
 class DAFL(Generating, Method):
-    """DAFL (Chen et al. ICCV 2019, arXiv 1904.01186). Each step: x = G(z); the generator minimizes
+    """Chen et al. ICCV 2019, data-free: the teacher's outputs on a generator's inputs (KL)
+
+    DAFL (Chen et al. ICCV 2019, arXiv 1904.01186). Each step: x = G(z); the generator minimizes
     w_oh * one_hot(t) + w_act * activation(f_t) + w_ie * information_entropy(t) of the frozen teacher's
     logits t and penultimate features f_t on x (gradients reach G through the teacher, whose weights
     get none); the student minimizes alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) on x.detach()
@@ -168,7 +170,9 @@ class ZSKTConfig(DataFreeConfig):
 
 @register_method("zskt", config=ZSKTConfig)
 class ZSKT(Generating, FeatureMethod):
-    """Zero-shot KT (Micaelli & Storkey NeurIPS 2019, arXiv 1905.09768): adversarial belief matching.
+    """Micaelli & Storkey NeurIPS 2019, data-free: the teacher's outputs on adversarial inputs (KL)
+
+    Zero-shot KT (Micaelli & Storkey NeurIPS 2019, arXiv 1905.09768): adversarial belief matching.
     One z batch serves a cycle of generator_steps + student_steps fit-loop steps (the authors' n_G
     and n_S: each of kdexp's steps is one of their iterations). On the first n_G the generator
     maximizes the student-teacher KL: term adv = -alpha * T^2 * KL(p_t || p_s) of G(z), with the

@@ -74,7 +74,9 @@ class _TSBase(Method):
 
 @register_method("ts_adapt", config=TSAdaptConfig)
 class TSAdapt(_TSBase):
-    """Teacher/student domain adaptation (Li et al. Interspeech 2017, arXiv 1708.05466): the student,
+    """Li et al. Interspeech 2017: the teacher's outputs on the source view, on the target view
+
+    Teacher/student domain adaptation (Li et al. Interspeech 2017, arXiv 1708.05466): the student,
     initialized with the teacher's weights (same architecture), minimizes alpha * L(s(x_target),
     t(x_source)) over parallel samples, L = logit MSE or T-softened KL (`kdexp.losses.ts_adapt_loss`);
     no labels are used. beta > 0 adds the same match on the source view (s(x_source) vs
@@ -147,7 +149,9 @@ class TSAdapterConfig(TSAdaptConfig):
 
 @register_method("ts_adapter", config=TSAdapterConfig)
 class TSAdapter(_TSBase):
-    """T/S adaptation through an input adapter: the student is a learnable adapter (identity-
+    """Li et al. Interspeech 2017, via an input adapter in front of a frozen copy of the teacher
+
+    T/S adaptation through an input adapter: the student is a learnable adapter (identity-
     initialized linear map on the flattened input, or a 1x1/3x3 convolution) in front of a frozen
     copy of the teacher; only the adapter trains, with ts_adapt's targets. The configured student
     architecture is not used."""
@@ -173,7 +177,9 @@ class CQDConfig(MethodConfig):
 
 @register_method("cqd", config=CQDConfig)
 class CQD(Method):
-    """Cross-quality distillation (Su & Maji 2016, arXiv 1604.00433): the teacher sees the
+    """Su & Maji 2016: the teacher's softened outputs on the high-quality view, on the degraded one (KL)
+
+    Cross-quality distillation (Su & Maji 2016, arXiv 1604.00433): the teacher sees the
     high-quality view (source), the student the degraded one (target, e.g. domain=lowres):
     w_ce * CE(s(x_target), y) + alpha * T^2 * H(softmax(t(x_source)/T), softmax(s(x_target)/T))."""
     requires = Requirements(views="paired", ignores=("beta",))
@@ -202,7 +208,9 @@ class DANNConfig(MethodConfig):
 
 @register_method("dann", config=DANNConfig)
 class DANN(Method):
-    """Domain-adversarial neural network (Ganin & Lempitsky ICML 2015, arXiv 1409.7495; Ganin et al.
+    """Ganin & Lempitsky ICML 2015, no teacher: source labels, domain-invariant features (grad. reversal)
+
+    Domain-adversarial neural network (Ganin & Lempitsky ICML 2015, arXiv 1409.7495; Ganin et al.
     JMLR 2016): the student's features at `layer` feed, through a gradient reversal layer, a domain
     classifier that tells the source view (0) from the target view (1); the student learns the
     labels of the source view only (the target view is unlabeled): w_ce * CE(s(x_source), y) +

@@ -42,7 +42,9 @@ class MEALV2Config(MethodConfig):
 
 @register_method("meal_v2", config=MEALV2Config)
 class MEALV2(Method):
-    """alpha * T^2 * KL(p_ens^T || p_s^T) + beta * adversarial term (+ w_ce * CE, 0 by default).
+    """Shen & Savvides 2020: a teacher ensemble's averaged outputs (KL) and a discriminator
+
+    alpha * T^2 * KL(p_ens^T || p_s^T) + beta * adversarial term (+ w_ce * CE, 0 by default).
 
     p_ens is the teacher's output: with `teachers=[a,b,c]` the average of the members' softmax
     outputs (a single teacher works too). The discriminator D sees probability vectors,

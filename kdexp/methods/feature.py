@@ -169,7 +169,9 @@ class FitNetConfig(StagedConfig):
 
 @register_method("fitnet", config=FitNetConfig)
 class FitNet(FeatureMethod):
-    """FitNets (Romero et al. ICLR 2015): a regressor (Connector: resize + 1x1 conv + BN) maps the
+    """Romero et al. ICLR 2015: the teacher's hint layer, through a regressor (MSE)
+
+    FitNets (Romero et al. ICLR 2015): a regressor (Connector: resize + 1x1 conv + BN) maps the
     student's guided layer onto the teacher's hint layer (default: the end of the second stage,
     RepDistiller's hint_layer=2); term = beta * MSE. Optional first stage (init_epochs > 0):
     hint loss only, as the paper's stage 1; then CE (+ KD) + beta * hint."""
@@ -197,7 +199,9 @@ class ATConfig(FeatureConfig):
 
 @register_method("at", config=ATConfig)
 class AT(FeatureMethod):
-    """Attention transfer (Zagoruyko & Komodakis ICLR 2017): at every stage end, the L2 distance
+    """Zagoruyko & Komodakis ICLR 2017: the teacher's spatial attention maps at every stage end (L2)
+
+    Attention transfer (Zagoruyko & Komodakis ICLR 2017): at every stage end, the L2 distance
     of the normalized spatial attention maps sum_c |A_c|^p; term = sum_l at_loss_l / (2 H_l W_l),
     times beta: the paper's 'beta/2 with beta = 1000 divided by the number of elements in the
     attention map and the batch size' (the batch mean is in at_loss). Maps of different sizes
@@ -226,7 +230,9 @@ class NSTConfig(FeatureConfig):
 
 @register_method("nst", config=NSTConfig)
 class NST(FeatureMethod):
-    """Neuron selectivity transfer (Huang & Wang 2017): squared MMD with the polynomial kernel
+    """Huang & Wang 2017: the teacher's neuron selectivity patterns at every stage end (MMD)
+
+    Neuron selectivity transfer (Huang & Wang 2017): squared MMD with the polynomial kernel
     (d=2, c=0) between the student's and teacher's channel activation maps at every stage end
     (channel counts may differ; the larger map is average-pooled); summed over layers."""
     requires = Requirements(features="maps")
@@ -247,7 +253,9 @@ class ABConfig(StagedConfig):
 
 @register_method("ab", config=ABConfig)
 class AB(FeatureMethod):
-    """Activation-boundary transfer (Heo et al. AAAI 2019): connectors (1x1 conv + BN; none when
+    """Heo et al. AAAI 2019: where the teacher's neurons activate (activation boundaries, squared hinge)
+
+    Activation-boundary transfer (Heo et al. AAAI 2019): connectors (1x1 conv + BN; none when
     the shapes match) map the student's pre-activations onto the teacher's at every stage end;
     the alternative squared-hinge loss (margin 1) teaches the student where the teacher's
     neurons are active. Layer l of n weighs 2^(l-n+1) (the authors' code) on the per-element mean
@@ -283,7 +291,9 @@ class FTConfig(StagedConfig):
 
 @register_method("ft", config=FTConfig)
 class FT(FeatureMethod):
-    """Factor transfer (Kim et al. NeurIPS 2018): a paraphraser (conv autoencoder) is pre-trained
+    """Kim et al. NeurIPS 2018: the teacher's factors from a paraphraser of its last stage (L1)
+
+    Factor transfer (Kim et al. NeurIPS 2018): a paraphraser (conv autoencoder) is pre-trained
     in `prepare` to reconstruct the teacher's last stage output (MSE, init_epochs), then frozen;
     its encoder gives the teacher factor. A translator (3 convs) maps the student's last stage
     output to a student factor, trained with the student; term = beta * FT loss (p=1)."""
@@ -324,7 +334,9 @@ class FSPConfig(StagedConfig):
 
 @register_method("fsp", config=FSPConfig)
 class FSP(FeatureMethod):
-    """Flow of solution procedure (Yim et al. CVPR 2017): Gram matrices between consecutive
+    """Yim et al. CVPR 2017: the teacher's flow between layers (FSP Gram matrices, L2)
+
+    Flow of solution procedure (Yim et al. CVPR 2017): Gram matrices between consecutive
     tapped layers (default: the stem and every stage end, i.e. each stage's input and output);
     squared Frobenius distance to the teacher's. Student layers whose channel count differs
     from the teacher's go through a 1x1 conv + BN connector. `prepare` runs the paper's first
@@ -376,7 +388,9 @@ class VIDRegressor(nn.Module):
 
 @register_method("vid", config=VIDConfig)
 class VID(FeatureMethod):
-    """Variational information distillation (Ahn et al. CVPR 2019): at every stage end, a
+    """Ahn et al. CVPR 2019: the teacher's stage features, by their likelihood under a Gaussian (NLL)
+
+    Variational information distillation (Ahn et al. CVPR 2019): at every stage end, a
     Gaussian q(t | s) = N(mu(s), diag(sigma^2)) with mu a 3-layer 1x1-conv regressor and one
     learned variance per teacher channel (nn.Parameters, trained with the student); term =
     sum over layers of the negative log-likelihood (element mean). The larger map is pooled."""

@@ -30,7 +30,9 @@ def teacher_input_gradient(model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
 
 @register_method("jacobian", config=JacobianConfig)
 class Jacobian(Method):
-    """w_ce * CE + alpha * KD + beta * || J_s/||J_s|| - J_t/||J_t|| ||^2, where J is the gradient
+    """Srinivas & Fleuret ICML 2018: KD plus the teacher's input gradients (Jacobian matching)
+
+    w_ce * CE + alpha * KD + beta * || J_s/||J_s|| - J_t/||J_t|| ||^2, where J is the gradient
     of the true-class logit w.r.t. the input, per sample (the paper's cheap variant: one output
     instead of the full Jacobian). The student's gradient is built with create_graph=True, so
     its training step backpropagates through it (double backward); the teacher's is computed

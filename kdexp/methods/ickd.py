@@ -20,7 +20,9 @@ class ICKDConfig(FeatureConfig):
 
 @register_method("ickd", config=ICKDConfig)
 class ICKD(FeatureMethod):
-    """ICKD (Liu et al. ICCV 2021, arXiv 2202.03680): at the last stage, the student's map goes
+    """Liu et al. ICCV 2021: the teacher's inter-channel correlations at the last stage (Gram, L2)
+
+    ICKD (Liu et al. ICCV 2021, arXiv 2202.03680): at the last stage, the student's map goes
     through a connector (kdexp's Connector: resize to the teacher's H x W, 1x1 conv + BN; always
     present, as the authors' `Embed`, even when the channels match); term = beta * ickd_loss:
     the squared distance of the row-normalized C x C Gram matrices of the whole map (the

@@ -15,7 +15,9 @@ class CEConfig(MethodConfig):
 
 @register_method("ce", config=CEConfig)
 class CE(Method):
-    """The student alone on labels: w_ce * CE. Ignores temperature and alpha, so a sweep
+    """Baseline, no teacher: the labels alone (cross-entropy)
+
+    The student alone on labels: w_ce * CE. Ignores temperature and alpha, so a sweep
     over them still has a baseline row per value."""
     requires = Requirements(teacher="none", labels="required", fusable=True, ignores=("temperature", "alpha", "beta"))
 
@@ -35,7 +37,9 @@ class KDConfig(SofteningConfig):
 
 @register_method("kd", config=KDConfig)
 class KD(Method):
-    """Hinton et al. 2015: w_ce * CE + alpha * T^2 * KL(p_t^T || p_s^T); w_ce defaults to 1 - alpha.
+    """Hinton et al. 2015: the teacher's temperature-softened outputs (KL)
+
+    Hinton et al. 2015: w_ce * CE + alpha * T^2 * KL(p_t^T || p_s^T); w_ce defaults to 1 - alpha.
     With method.logit_standardize the KL compares the z-scored logits (Sun et al. CVPR 2024)."""
     requires = Requirements(fusable=True, ignores=("beta",))
 
@@ -73,7 +77,9 @@ class LSKDConfig(KDConfig):
 
 @register_method("lskd", config=LSKDConfig)
 class LSKD(KD):
-    """KD with logit standardization (Sun et al. CVPR 2024, arXiv 2403.01427): method=kd with
+    """Sun et al. CVPR 2024: the teacher's z-scored logits, temperature-softened (KL)
+
+    KD with logit standardization (Sun et al. CVPR 2024, arXiv 2403.01427): method=kd with
     method.logit_standardize=true and the authors' CIFAR-100 weights, 0.1 * CE + 9 * T^2 *
     KL(softmax(z(t)/T) || softmax(z(s)/T)) at base temperature T=2, z the per-sample z-score
     (`kdexp.losses.standardize_logits`). The authors' code scales the KL by T^2 as mdistiller does.

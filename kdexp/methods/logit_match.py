@@ -23,7 +23,9 @@ class LogitMSEConfig(MethodConfig):
 
 @register_method("logit_mse", config=LogitMSEConfig)
 class LogitMSE(Method):
-    """Ba & Caruana 2014, "Do deep nets really need to be deep?": the student regresses the
+    """Ba & Caruana 2014: the teacher's logits, regressed (MSE)
+
+    Ba & Caruana 2014, "Do deep nets really need to be deep?": the student regresses the
     teacher's logits, alpha * 1/2 * sum_c (s_c - t_c)^2 (batch mean) + w_ce * CE. The paper uses
     no labels (alpha=1, w_ce=0). Temperature is accepted and ignored: logits are not softened."""
     requires = Requirements(ignores=("temperature", "beta"))
@@ -48,7 +50,9 @@ class DKDConfig(SofteningConfig):
 
 @register_method("dkd", config=DKDConfig)
 class DKD(Method):
-    """Decoupled KD (Zhao et al. CVPR 2022, arXiv 2203.08679):
+    """Zhao et al. CVPR 2022: the teacher's target and non-target class outputs, decoupled (KL)
+
+    Decoupled KD (Zhao et al. CVPR 2022, arXiv 2203.08679):
     w_ce * CE + min(epoch / warmup, 1) * (alpha * TCKD + beta * NCKD), both T^2-scaled KL
     computed in log space (`kdexp.losses.dkd_terms`). Defaults are the paper's CIFAR-100 ones
     (T=4, alpha=1, beta=8, 20 warm-up epochs, counted from 1 as in the authors' code).
@@ -92,7 +96,9 @@ class DISTConfig(SofteningConfig):
 
 @register_method("dist", config=DISTConfig)
 class DIST(Method):
-    """DIST (Huang et al. NeurIPS 2022, arXiv 2205.10536): match relations instead of exact
+    """Huang et al. NeurIPS 2022: the teacher's inter- and intra-class output relations (Pearson)
+
+    DIST (Huang et al. NeurIPS 2022, arXiv 2205.10536): match relations instead of exact
     probabilities, w_ce * CE + alpha * T^2 (1 - pearson per sample) + beta * T^2 (1 - pearson
     per class over the batch) on softmax(logits / T). Defaults: the paper's ImageNet setting
     (T=1, both weights 1, CE weight 1). `alpha` is the paper's beta and `beta` its gamma, so

@@ -35,7 +35,9 @@ class MGDConfig(FeatureConfig):
 
 @register_method("mgd", config=MGDConfig)
 class MGD(FeatureMethod):
-    """MGD (Yang et al. ECCV 2022, arXiv 2205.01529): at the last stage, align (kdexp's Connector,
+    """Yang et al. ECCV 2022: the teacher's last-stage feature, generated from a masked student map
+
+    MGD (Yang et al. ECCV 2022, arXiv 2205.01529): at the last stage, align (kdexp's Connector,
     resize + 1x1 conv + BN, when the student's shape differs from the teacher's; the authors use a
     plain 1x1 conv) -> random mask (each channel, or each position, zeroed with probability
     mask_ratio) -> generation block (3x3 conv, ReLU, 3x3 conv at the teacher's width, trained with

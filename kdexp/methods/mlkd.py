@@ -28,7 +28,9 @@ class MLKDConfig(SofteningConfig):
 
 @register_method("mlkd", config=MLKDConfig)
 class MLKD(Method):
-    """MLKD (Jin et al. CVPR 2023; authors' code Jin-Ying/Multi-Level-Logit-Distillation):
+    """Jin et al. CVPR 2023: the teacher's outputs at instance, batch and class level, several T
+
+    MLKD (Jin et al. CVPR 2023; authors' code Jin-Ying/Multi-Level-Logit-Distillation):
     w_ce * CE + alpha * instance + beta * batch + gamma * class (`kdexp.losses.mlkd_terms`), each
     summed over the temperatures [temperature, *extra_temperatures] = {4, 2, 3, 5, 6}.
 

@@ -22,7 +22,9 @@ class DMLConfig(SofteningConfig):
 
 @register_method("dml", config=DMLConfig)
 class DML(Method):
-    """Each peer k minimizes w_ce * CE_k + alpha * 1/(K-1) * sum_{l != k} T^2 * KL(p_l || p_k);
+    """Zhang et al. CVPR 2018, no teacher: peer students trained together, on each other's outputs (KL)
+
+    Each peer k minimizes w_ce * CE_k + alpha * 1/(K-1) * sum_{l != k} T^2 * KL(p_l || p_k);
     all peers step together, each treating the others' predictions as fixed targets
     (`kdexp.losses.mutual_kl_loss`). The peers are new instances of the student's architecture
     (`kdexp.models.rebuild`: its builder, arch and args again), so they are initialized as the

@@ -21,7 +21,9 @@ class NKDConfig(SofteningConfig):
 
 @register_method("nkd", config=NKDConfig)
 class NKD(Method):
-    """NKD (Yang et al. ICCV 2023, arXiv 2303.13005; authors' code yzd-v/cls_KD):
+    """Yang et al. ICCV 2023: the teacher's target output and normalized non-target outputs (CE)
+
+    NKD (Yang et al. ICCV 2023, arXiv 2303.13005; authors' code yzd-v/cls_KD):
     w_ce * CE - alpha * mean p_t(y) log p_s(y) - beta * T^2 * mean sum_{j != y} q_t(j) log q_s(j)
     with q the renormalized non-target distributions (`kdexp.losses.nkd_terms`).
 

@@ -67,7 +67,9 @@ def measured_margin(features: torch.Tensor) -> torch.Tensor:
 
 @register_method("ofd", config=OFDConfig)
 class OFD(FeatureMethod):
-    """w_ce * CE (+ alpha * KD) + beta * sum_l 2^(l-n+1) * partial L2(connector_l(s_l), t_l; margin_l)
+    """Heo et al. ICCV 2019: the teacher's pre-ReLU stage features, through connectors (partial L2)
+
+    w_ce * CE (+ alpha * KD) + beta * sum_l 2^(l-n+1) * partial L2(connector_l(s_l), t_l; margin_l)
     over n layer pairs (layer l of n weighs 2^(l-n+1), the deepest 1, as the authors' code).
 
     Connectors: kdexp's Connector (resize to the teacher's H x W, 1x1 conv without bias, BN), conv

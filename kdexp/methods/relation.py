@@ -30,7 +30,9 @@ class SPConfig(FeatureConfig):
 
 @register_method("sp", config=SPConfig)
 class SP(FeatureMethod):
-    """Similarity-preserving KD (Tung & Mori ICCV 2019): the batch's row-normalized Gram matrix of
+    """Tung & Mori ICCV 2019: the teacher's sample-to-sample similarities in the batch (Gram, L2)
+
+    Similarity-preserving KD (Tung & Mori ICCV 2019): the batch's row-normalized Gram matrix of
     the last stage output (B x B, so any shapes pair up) matches the teacher's."""
     pick = "last"
     term = "sp"
@@ -49,7 +51,9 @@ class PKTConfig(FeatureConfig):
 
 @register_method("pkt", config=PKTConfig)
 class PKT(FeatureMethod):
-    """Probabilistic knowledge transfer (Passalis & Tefas ECCV 2018): conditional probabilities of
+    """Passalis & Tefas ECCV 2018: the teacher's sample-to-sample probabilities on embeddings (KL)
+
+    Probabilistic knowledge transfer (Passalis & Tefas ECCV 2018): conditional probabilities of
     the other samples given each sample, from a cosine kernel on the penultimate embeddings;
     KL from the teacher's to the student's."""
     role = "embedding"
@@ -71,7 +75,9 @@ class RKDConfig(FeatureConfig):
 
 @register_method("rkd", config=RKDConfig)
 class RKD(FeatureMethod):
-    """Relational KD (Park et al. CVPR 2019): distance-wise (pairwise distances over their mean)
+    """Park et al. CVPR 2019: the teacher's distance and angle relations between samples (Huber)
+
+    Relational KD (Park et al. CVPR 2019): distance-wise (pairwise distances over their mean)
     and angle-wise (angles of sample triplets) relations of the penultimate embeddings, Huber
     loss, weighted w_dist and w_angle."""
     role = "embedding"
@@ -93,7 +99,9 @@ class CCConfig(FeatureConfig):
 
 @register_method("cc", config=CCConfig)
 class CC(FeatureMethod):
-    """Correlation congruence (Peng et al. ICCV 2019): the B x B correlation matrix of the
+    """Peng et al. ICCV 2019: the teacher's correlations between the samples' embeddings (RBF kernel)
+
+    Correlation congruence (Peng et al. ICCV 2019): the B x B correlation matrix of the
     L2-normalized penultimate embeddings under a Gaussian RBF kernel (2nd-order Taylor
     expansion) matches the teacher's; the embeddings are compared as they are (no projection
     head), so the dimensions need not agree."""
@@ -118,7 +126,9 @@ class DarkRankConfig(FeatureConfig):
 
 @register_method("darkrank", config=DarkRankConfig)
 class DarkRank(FeatureMethod):
-    """DarkRank (Chen, Wang & Zhang AAAI 2018): listwise transfer of cross-sample similarities.
+    """Chen et al. AAAI 2018: the teacher's ranking of cross-sample similarities (listwise)
+
+    DarkRank (Chen, Wang & Zhang AAAI 2018): listwise transfer of cross-sample similarities.
     Each sample of the batch queries the others; the teacher's distances on the L2-normalized
     penultimate embeddings rank them, and the student maximizes the Plackett-Luce likelihood of
     that ranking under its own scores -alpha * d^beta (hard transfer), or matches the teacher's
@@ -154,7 +164,9 @@ class CRDConfig(FeatureConfig):
 
 @register_method("crd", config=CRDConfig)
 class CRD(FeatureMethod):
-    """Contrastive representation distillation (Tian et al. ICLR 2020). The penultimate
+    """Tian et al. ICLR 2020: the teacher's embeddings, contrasted with other samples' (memory bank, NCE)
+
+    Contrastive representation distillation (Tian et al. ICLR 2020). The penultimate
     embeddings of student and teacher are projected (Linear + L2 norm, both heads trained with
     the student) to feat_dim. A memory bank per side holds one embedding per training sample
     (indexed by Batch.idx), updated with momentum nce_m after every step. The student's

@@ -67,7 +67,9 @@ class ABF(nn.Module):
 
 @register_method("reviewkd", config=ReviewKDConfig)
 class ReviewKD(FeatureMethod):
-    """w_ce * CE (+ alpha * KD) + min(epoch / warmup, 1) * beta * HCL(ABF-fused student levels,
+    """Chen et al. CVPR 2021: the teacher's multi-level features from fused student levels (HCL)
+
+    w_ce * CE (+ alpha * KD) + min(epoch / warmup, 1) * beta * HCL(ABF-fused student levels,
     teacher levels). Levels pair one to one, shallow to deep; all but the deepest must be spatial
     maps (C,H,W); the deepest (the pooled embedding by default) may be a vector, taken as (D,1,1).
     Student and teacher sizes may differ per level: the fused map is resized to the teacher's

@@ -92,7 +92,9 @@ class SRDConfig(FeatureConfig):
 
 @register_method("srd", config=SRDConfig)
 class SRD(FeatureMethod):
-    """SRD / SRRL (Yang et al. ICLR 2021): a connector (Linear + BN on the flattened penultimate
+    """Yang et al. ICLR 2021: the teacher's embedding and its classifier's logits on the student's
+
+    SRD / SRRL (Yang et al. ICLR 2021): a connector (Linear + BN on the flattened penultimate
     embedding) maps the student's embedding s to the teacher's width; term = beta * (fm_weight *
     MSE(r(s), t_emb) + sr_weight * SR), SR comparing W_t(r(s)), the teacher's frozen classifier on
     the connected student embedding, with the teacher's logits (MSE, or KL at method.temperature

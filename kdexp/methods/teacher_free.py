@@ -30,7 +30,9 @@ class LSRConfig(MethodConfig):
 
 @register_method("lsr", config=LSRConfig)
 class LSR(Method):
-    """Label smoothing regularization (Szegedy et al. 2016): w_ce * H((1 - eps) * one_hot + eps / C,
+    """Szegedy et al. 2016, no teacher: labels smoothed towards the uniform distribution (CE)
+
+    Label smoothing regularization (Szegedy et al. 2016): w_ce * H((1 - eps) * one_hot + eps / C,
     softmax(s)). No teacher; temperature and alpha are accepted and ignored. LSR is KD from a
     uniform virtual teacher at T=1 with weight eps (Yuan et al. 2020, eq. 6)."""
     requires = Requirements(teacher="none", labels="required", ignores=("temperature", "alpha", "beta"))
@@ -56,7 +58,9 @@ class TfKDSelfConfig(SofteningConfig):
 
 @register_method("tfkd_self", config=TfKDSelfConfig)
 class TfKDSelf(KD):
-    """Tf-KD_self: KD (w_ce * CE + alpha * T^2 * KL) from a pretrained model of the student's own
+    """Yuan et al. CVPR 2020: a pretrained model of the student's own architecture (KD)
+
+    Tf-KD_self: KD (w_ce * CE + alpha * T^2 * KL) from a pretrained model of the student's own
     architecture (student.arch + student.args), trained beforehand "in the normal way": with
     the student's recipe (optim, epochs, batch_size) and teacher.seed. The teacher provider
     trains and caches it under its own key; teacher.checkpoint loads one instead and
@@ -74,7 +78,9 @@ class TfKDRegConfig(MethodConfig):
 
 @register_method("tfkd_reg", config=TfKDRegConfig)
 class TfKDReg(Method):
-    """Tf-KD_reg: (1 - alpha) * CE + alpha * T^2 * KL(p^d_T || softmax(s/T)) with the virtual
+    """Yuan et al. CVPR 2020, no teacher: a hand-made virtual teacher's softened outputs (KL)
+
+    Tf-KD_reg: (1 - alpha) * CE + alpha * T^2 * KL(p^d_T || softmax(s/T)) with the virtual
     teacher p^d = a on the true class and (1 - a)/(C - 1) elsewhere, softened as the paper
     describes (p^d^(1/T), renormalized), never by a softmax of the probabilities (see
     `kdexp.losses.tfkd_reg_loss`). No trained teacher."""

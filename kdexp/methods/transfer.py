@@ -114,7 +114,9 @@ class FinetuneConfig(MethodConfig):
 
 @register_method("finetune", config=FinetuneConfig)
 class Finetune(Method):
-    """Fine-tuning from the teacher's weights on the labels of the new task/domain: the student (same
+    """Yosinski et al. 2014, Li et al. 2018: the teacher's weights as start, then the new labels (CE)
+
+    Fine-tuning from the teacher's weights on the labels of the new task/domain: the student (same
     architecture as the teacher) starts from them, `reinit` modules start fresh, `freeze` /
     `freeze_first` modules keep the pretrained weights (layer transfer, Yosinski et al. 2014), and
     L2-SP (Li et al. 2018) pulls the trainable pretrained weights towards their start:
@@ -224,7 +226,9 @@ class ProgressiveConfig(MethodConfig):
 
 @register_method("progressive", config=ProgressiveConfig)
 class Progressive(Method):
-    """Progressive neural network: the teacher (pretrained, possibly on other classes with
+    """Rusu et al. 2016: the new labels, a fresh column laterally fed by the frozen teacher (CE)
+
+    Progressive neural network: the teacher (pretrained, possibly on other classes with
     teacher.classes) is the frozen first column; the student (same architecture, fresh
     initialization) is the new column, trained with w_ce * CE on the new task's labels through
     lateral connections from the old column. The deployed model (val/acc) is both columns. With a
@@ -261,7 +265,9 @@ class MultitaskConfig(MethodConfig):
 
 @register_method("multitask", config=MultitaskConfig)
 class Multitask(Method):
-    """One shared trunk, a head per task: the student is the trunk plus the main head (its own last
+    """Caruana 1997, no teacher: the labels of the main task and of derived auxiliary tasks (CE)
+
+    One shared trunk, a head per task: the student is the trunk plus the main head (its own last
     layer, on the dataset's labels); each auxiliary task adds a linear head on the trunk's output
     (`layer`) with labels derived from the main ones by a label map (e.g. parity, or the classes
     0-4 and 5-9 as two tasks). Loss: w_ce * CE_main + sum_k w_k * CE_k (w_k: the task's weight or beta).
@@ -359,7 +365,9 @@ class DataDistillConfig(MethodConfig):
 
 @register_method("data_distill", config=DataDistillConfig)
 class DataDistill(Method):
-    """Data distillation (Radosavovic et al. CVPR 2018, arXiv 1712.04440): the teacher's softmax
+    """Radosavovic et al. CVPR 2018: the teacher's pseudo-labels on the unlabeled samples (CE)
+
+    Data distillation (Radosavovic et al. CVPR 2018, arXiv 1712.04440): the teacher's softmax
     outputs on the unlabeled training samples (dataset.label_fraction < 1) are averaged over
     `transforms`; the argmax becomes a hard pseudo-label where its averaged probability reaches
     `threshold`. The student trains with CE on the union of the labeled and pseudo-labeled

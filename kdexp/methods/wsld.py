@@ -19,7 +19,9 @@ class WSLDConfig(SofteningConfig):
 
 @register_method("wsld", config=WSLDConfig)
 class WSLD(Method):
-    """WSLD (Zhou et al. ICLR 2021, arXiv 2102.00650; authors' code
+    """Zhou et al. ICLR 2021: the teacher's softened outputs, samples weighted by their CE ratio (KL)
+
+    WSLD (Zhou et al. ICLR 2021, arXiv 2102.00650; authors' code
     bellymonster/Weighted-Soft-Label-Distillation): w_ce * CE + alpha * T^2 * mean_b w_b KL_b with
     w_b = 1 - exp(-CE_s,b / CE_t,b) from the student's and the teacher's CE on the label at T=1,
     without gradient (`kdexp.losses.wsld_weights`, `weighted_kd_loss`).
