@@ -116,9 +116,7 @@ def test_each_run_of_a_fused_group_has_its_own_loggers(compose_cfg, tmp_path):
 
 
 def _recorder(tmp_path, *names):
-    cfg = OmegaConf.create({"logger": {n: {} for n in names}, "epochs": 2})
-    r = Recorder(str(tmp_path), cfg)
-    return r
+    return Recorder(str(tmp_path), OmegaConf.create({"logger": {n: {} for n in names}, "epochs": 2}))
 
 
 def test_a_logger_failing_mid_run_is_warned_about_once_and_dropped(tmp_path, monkeypatch):
