@@ -102,8 +102,9 @@ def test_tensorboard_and_csv_at_once(compose_cfg, tmp_path):
     assert {"val/acc", "train/loss", "teacher/val/acc", "best/val/acc"} <= scalars and HPARAMS_TAGS <= hparams
     columns, rows = read_csv(run_dir / "metrics.csv")
     history = json.loads((run_dir / "metrics.json").read_text())["history"]
-    assert [r["epoch"] for r in rows] == ["0", "1", "2"]  # the teacher, then one row per epoch
-    assert [float(r["val/acc"]) for r in rows[1:]] == [h["val/acc"] for h in history]
+    assert [r["epoch"] for r in rows] == ["1", "2"]  # one row per epoch; the teacher's curves at its epochs
+    assert [float(r["val/acc"]) for r in rows] == [h["val/acc"] for h in history]
+    assert {"teacher/val/acc", "teacher/train/loss"} <= set(columns)
 
 
 def test_each_run_of_a_fused_group_has_its_own_loggers(compose_cfg, tmp_path):
@@ -224,7 +225,7 @@ def test_wandb_offline_run_folder_holds_the_metrics(compose_cfg, tmp_path):
     [log] = glob.glob(str(run_dir / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb"))
     records = list(wandb_records(log))
     history = [{_key(i): json.loads(i.value_json) for i in r.history.item} for r in records if r.HasField("history")]
-    assert [h["_step"] for h in history if "val/acc" in h] == [1, 2]
+    assert [h["epoch"] for h in history if "val/acc" in h] == [1, 2]
     config = next(r.run.config for r in records if r.HasField("run"))  # the config wandb.init was given
     method = json.loads(next(u.value_json for u in config.update if _key(u) == "method"))
     assert method["temperature"] == 3.0

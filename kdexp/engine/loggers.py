@@ -2,7 +2,7 @@
 (the names of conf/logger's options; several at once: logger=[tensorboard,csv]).
 
     tensorboard  <run_dir>/tb/            scalars (flushed every epoch) + the HParams tab, in one run folder
-    csv          <run_dir>/metrics.csv    a row per step (0: the teacher's accuracy; k: epoch k), a column per metric
+    csv          <run_dir>/metrics.csv    a row per step (epoch), a column per metric
     mlflow       logger.tracking_uri      a run per kdexp run: the resolved config as params, metrics per epoch,
                                           tags, the run directory's small files as artifacts, its end status
     wandb        <run_dir>/wandb/         the same, offline unless logger.mode=online
@@ -19,6 +19,7 @@ import time
 from typing import Dict, List, Optional
 
 from kdexp.config import chosen_loggers
+from kdexp.engine.resume import flatten
 from kdexp.errors import ConfigError
 from kdexp.io import atomic_write
 from kdexp.registry import Registry
@@ -41,7 +42,8 @@ class Logger:
         config (nested); `tags`: the run's tags; `resumed`: the epochs already done (0: a fresh run)."""
 
     def metrics(self, metrics: Dict[str, float], step: int) -> None:
-        """Scalars at `step` (0: the teacher before training; k: epoch k)."""
+        """Scalars at `step`: epoch k (the teacher's curves at its own epochs; accuracies it has no
+        curve of at 0)."""
 
     def finish(self, status: str, final_metrics: Dict[str, float], step: int) -> None:
         """The run ended with `status` (done | failed | interrupted); `final_metrics` (empty unless
@@ -108,7 +110,7 @@ class TensorBoardLogger(Logger):
 @LOGGERS.register("csv")
 class CsvLogger(Logger):
     """metrics.csv: columns epoch + every metric in the order they first appeared. A row is appended
-    per step; a new column, or a step logged again (the teacher's row when a run resumes), rewrites
+    per step; a new column, or a step logged again (the teacher's curves, a resumed run's teacher), rewrites
     the file (atomically, so a reader never sees half of it)."""
 
     def start(self, params, config, tags, resumed):
@@ -158,17 +160,10 @@ def tracking_uri(value: str) -> str:
     return "file://" + os.path.abspath(value)
 
 
-def flat_params(config: dict, prefix: str = "") -> Dict[str, str]:
+def flat_params(config: dict) -> Dict[str, str]:
     """The resolved config as mlflow params: dotted keys, values as strings (null for None), cut to
     mlflow's length limit. Empty nodes have no param."""
-    out: Dict[str, str] = {}
-    for k, v in config.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flat_params(v, key + "."))
-        else:
-            out[key] = ("null" if v is None else str(v))[:MLFLOW_PARAM_CHARS]
-    return out
+    return {k: ("null" if v is None else str(v))[:MLFLOW_PARAM_CHARS] for k, v in flatten(config).items()}
 
 
 def _chunks(items: list, n: int):
@@ -254,9 +249,13 @@ class WandbLogger(Logger):
                               tags=list(tags), id=self.state.get("id") if resumed else None, resume="allow",
                               reinit="create_new", settings=wandb.Settings(console="off", silent=True))
         self.state["id"] = self.run.id
+        # wandb's own step only grows, but the teacher's curves come before the student's epochs on
+        # the same axis: every metric is charted against `epoch` instead
+        self.run.define_metric("epoch")
+        self.run.define_metric("*", step_metric="epoch")
 
     def metrics(self, metrics, step):
-        self.run.log(dict(metrics), step=step)
+        self.run.log({**metrics, "epoch": step})
 
     def finish(self, status, final_metrics, step):
         self.run.summary.update(final_metrics)
