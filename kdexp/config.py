@@ -200,6 +200,56 @@ class DebugConfig:
 
 
 @dataclass
+class TensorBoardLoggerConfig:
+    """logger=tensorboard: <run_dir>/tb/, scalars flushed every epoch, the HParams tab at the end."""
+
+
+@dataclass
+class CsvLoggerConfig:
+    """logger=csv: <run_dir>/metrics.csv, a row per epoch, a column per metric (TensorBoard's steps)."""
+
+
+@dataclass
+class MlflowLoggerConfig:
+    """logger=mlflow: a run per kdexp run (params: the resolved config, dotted; metrics per epoch)."""
+    tracking_uri: str = "outputs/mlruns"  # a folder (a local file store), file:///abs/dir, or a server's http(s)://...
+    experiment: str = "kdexp"
+
+
+@dataclass
+class WandbLoggerConfig:
+    """logger=wandb: a run in <run_dir>/wandb/ (offline: `wandb sync <run_dir>/wandb/offline-run-*` uploads it)."""
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "kdexp"
+    entity: Optional[str] = None
+
+
+LOGGER_SCHEMAS = {"tensorboard": TensorBoardLoggerConfig, "csv": CsvLoggerConfig, "mlflow": MlflowLoggerConfig,
+                  "wandb": WandbLoggerConfig}
+
+
+@dataclass
+class LoggerConfig:
+    """The `logger` node: one sub-node per chosen logger (conf/logger/<name>.yaml is `# @package
+    logger.<name>`), null for the others, so that `logger=[tensorboard,csv]` keeps each logger's keys
+    under its own name (logger.mlflow.tracking_uri). The flat keys are shorthands for the chosen
+    loggers' keys of that name: `logger=mlflow logger.tracking_uri=file:///abs/dir`."""
+    tensorboard: Optional[TensorBoardLoggerConfig] = None
+    csv: Optional[CsvLoggerConfig] = None
+    mlflow: Optional[MlflowLoggerConfig] = None
+    wandb: Optional[WandbLoggerConfig] = None
+    # Shorthands (null: not given): logger.KEY=V sets KEY of every chosen logger that has it.
+    tracking_uri: Optional[str] = None
+    experiment: Optional[str] = None
+    mode: Optional[str] = None
+    project: Optional[str] = None
+    entity: Optional[str] = None
+
+
+LOGGER_SHORTHANDS = tuple(f.name for f in dataclasses.fields(LoggerConfig) if f.name not in LOGGER_SCHEMAS)
+
+
+@dataclass
 class Config:
     dataset: Any = MISSING
     # Typed (not Any): an option file without `defaults: [/schema/...]` (a user's student/tiny.yaml on
@@ -237,6 +287,9 @@ class Config:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    # Where the run's metrics go besides metrics.json (conf/logger: tensorboard | csv | mlflow | wandb,
+    # several as logger=[tensorboard,csv]); kdexp.engine.loggers.
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
 # Datasets with a schema of their own (conf/dataset/<name>.yaml extends /schema/dataset/<name>);
@@ -543,12 +596,47 @@ def validate_reporting(cfg) -> None:
     _check(d.profile_steps >= 0, "debug.profile_steps", d.profile_steps, "must be >= 0 (0: off)")
 
 
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def chosen_loggers(cfg) -> Dict[str, dict]:
+    """The loggers a run writes to: name -> its keys, the `logger` node's shorthands applied (a
+    shorthand no chosen logger has is an error naming the loggers that have it). A config without a
+    `logger` node (built by hand, or composed before loggers were a group) logs to TensorBoard, as
+    runs always did; `logger=[]` logs to none."""
+    node = cfg.get("logger") if isinstance(cfg, DictConfig) else None
+    if node is None:
+        return {"tensorboard": {}}
+    chosen = {str(name): dict(OmegaConf.to_container(node[name], resolve=True) or {})
+              for name in node if name not in LOGGER_SHORTHANDS and node[name] is not None}
+    for key in LOGGER_SHORTHANDS:
+        value = node.get(key)
+        if value is None:
+            continue
+        takers = [name for name, keys in chosen.items() if key in keys]
+        if not takers:
+            owners = [name for name, schema in LOGGER_SCHEMAS.items() if key in _schema_fields(schema)]
+            raise ConfigError(f"logger.{key}={value!r}: no chosen logger has the key {key!r} (chosen: "
+                              f"{', '.join(chosen) or 'none'}); it is a key of logger={' or logger='.join(owners)}")
+        for name in takers:
+            chosen[name][key] = value
+    return chosen
+
+
+def validate_loggers(cfg) -> None:
+    loggers = chosen_loggers(cfg)
+    if "wandb" in loggers:
+        mode = loggers["wandb"].get("mode")
+        _check(mode in WANDB_MODES, "logger.wandb.mode", mode, "one of " + ", ".join(WANDB_MODES))
+
+
 def validate(cfg) -> None:
     """Unknown keys (`check_known_keys`), a group's schema where its file gave none
     (`apply_group_schemas`), then range checks that a type system cannot express."""
     check_known_keys(cfg)
     apply_group_schemas(cfg)
     validate_domain(cfg.get("domain"))
+    validate_loggers(cfg)
     m = cfg.method
     _check(m.temperature > 0, "method.temperature", m.temperature, "must be > 0")
     _check(m.alpha >= 0, "method.alpha", m.alpha, "must be >= 0")

@@ -45,6 +45,22 @@ def python():
     return sys.executable
 
 
+def tensorboard_run(run_dir):
+    """(scalar tags, hparams plugin tags) of the TensorBoard events in <run_dir>/tb (one run folder)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(os.path.join(str(run_dir), "tb"))
+    ea.Reload()
+    try:
+        hparams = ea.PluginTagToContent("hparams")
+    except KeyError:  # a run that did not finish has no HParams
+        hparams = {}
+    return set(ea.Tags()["scalars"]), set(hparams)
+
+
+HPARAMS_TAGS = {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"}
+
+
 def fit_method(method, data, *, optim_cfg, epochs, batch_size, seed, pool="all", **kw):
     """The one fit loop on a method with in-memory batches (what a single run does after assembly)."""
     from kdexp.engine.fit import fit

@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.conftest import HPARAMS_TAGS, ROOT, tensorboard_run
 
 
 def test_two_methods_by_two_temperatures(tmp_path):
@@ -19,14 +19,10 @@ def test_two_methods_by_two_temperatures(tmp_path):
     assert all(m["status"] == "done" for m in metrics)
     sources = sorted(m["teacher"]["source"] for m in metrics)
     assert sources == ["cache", "none", "none", "trained"]  # the teacher was trained exactly once
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     for r in runs:
-        ea = EventAccumulator(str(r / "tb"))
-        ea.Reload()
-        assert "val/acc" in ea.Tags()["scalars"] and "train/loss" in ea.Tags()["scalars"]
-        hp = ea.PluginTagToContent("hparams")  # HParams in the same run folder, not a sibling
-        assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(hp)
+        scalars, hp = tensorboard_run(r)
+        assert {"val/acc", "train/loss"} <= scalars
+        assert HPARAMS_TAGS <= hp  # HParams in the same run folder, not a sibling
     table = subprocess.run([sys.executable, str(Path(ROOT) / "scripts" / "summarize.py"), str(sweep),
                             "--csv", str(tmp_path / "t.csv")], capture_output=True, text=True, check=True).stdout
     rows = [line for line in table.splitlines() if line.startswith("| ") and "| done |" in line]

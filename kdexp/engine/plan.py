@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from kdexp import config_dir
 from kdexp.config import ModelConfig, TeacherConfig, debugging, validate, validate_teacher
 from kdexp.data import dataset_signature
+from kdexp.engine.loggers import check_loggers
 from kdexp.engine.teacher import EnsembleModel, FrozenTeacher
 from kdexp.errors import ConfigError
 from kdexp.methods import METHODS, Requirements, get_method
@@ -76,6 +77,7 @@ def plan(cfg, overrides=()) -> RunPlan:
     """The plan of one run of `cfg` (a composed config; `overrides`: the command-line overrides it
     was composed with, for the warnings); raises ConfigError for what cannot run."""
     validate(cfg)
+    check_loggers(cfg)
     method_cls = get_method(cfg.method.name, key="method.name")
     _check_method_node(cfg)
     requires = method_cls.requires

@@ -2,7 +2,8 @@
 
     <run_dir>/metrics.json        status (running | done | failed + error), history, final, best,
                                   timings, teacher, hardware, ... (rewritten after every epoch)
-    <run_dir>/tb/                 TensorBoard scalars + HParams (same run folder)
+    <run_dir>/tb/                 TensorBoard scalars + HParams (same run folder), with logger=tensorboard
+                                  (the default; other loggers: kdexp.engine.loggers)
     <run_dir>/checkpoints/last.pt the fit state after the last finished epoch (resume)
     <run_dir>/checkpoints/best.pt the same content at the epoch of the best val/acc so far
     <run_dir>/student.pt          the student's plain state_dict (torch.load(..., weights_only=True))
@@ -27,10 +28,9 @@ from filelock import FileLock, Timeout
 
 import torch
 from omegaconf import OmegaConf
-from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from kdexp.data.domain import describe as describe_domain, parse_transforms
+from kdexp.engine.loggers import Logger, build_loggers
 from kdexp.engine.resume import finished_value, flatten, load_checkpoint
 from kdexp.engine.runinfo import write_run_info
 from kdexp.engine.stopping import Best, student_stops
@@ -193,7 +193,7 @@ class Recorder:
         self.best_path = os.path.join(run_dir, "checkpoints", "best.pt")
         self.student_path = os.path.join(run_dir, "student.pt")
         self.record: dict = {}
-        self.tb: Optional[SummaryWriter] = None
+        self.loggers: List[Logger] = []  # started in `start` (rank 0 only)
         self.t0 = time.time()
         self._resolved = None  # the resolved config for checkpoints, converted once (it costs ms)
         self._unsaved: Optional[dict] = None  # the last finished epoch's state, when not checkpointed yet
@@ -224,18 +224,56 @@ class Recorder:
                               "overrides": self.overrides}, os.path.join(self.run_dir, "metrics.json"))
 
     def start(self, hparams: Dict, fresh: bool) -> None:
-        """Open the run directory: a fresh run drops old curves; run_info, TensorBoard, metrics.json."""
+        """Open the run directory: run_info, the loggers (a fresh run starts their files over; a
+        resumed one continues them), metrics.json. A logger that cannot start fails the run here,
+        recorded, in one line."""
         self.hparams = {k: _hparam_value(v) for k, v in hparams.items()}
         self.record.update({"status": "running", "overrides": self.overrides, "hparams": self.hparams,
                             "tags": list(self.cfg.get("tags") or []), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
         self.record.setdefault("history", [])
         if not self.main:
             return
-        if fresh and os.path.isdir(os.path.join(self.run_dir, "tb")):
-            shutil.rmtree(os.path.join(self.run_dir, "tb"))  # starting over: old curves would mix with the new
         write_run_info(self.run_dir, self.cfg)
-        self.tb = SummaryWriter(os.path.join(self.run_dir, "tb"))
+        try:
+            self._start_loggers(resumed=0 if fresh else len(self.record["history"]))
+        except KdexpError as e:
+            self.finish("failed", error=f"{type(e).__name__}: {e}")  # the loggers started so far end as failed
+            raise
         self.write()
+
+    def resolved(self) -> dict:
+        """The resolved config as plain containers, converted once (it costs ms)."""
+        if self._resolved is None:
+            self._resolved = OmegaConf.to_container(self.cfg, resolve=True)
+        return self._resolved
+
+    def _start_loggers(self, resumed: int) -> None:
+        """Start the config's loggers into self.loggers; metrics.json keeps what each needs to be
+        resumed (loggers.<name>). The knobs of the HParams tab are their params, the resolved config
+        and the run's tags go to those that store them (mlflow, wandb)."""
+        states = self.record.get("loggers", {}) if resumed else {}
+        tags = [str(t) for t in (self.cfg.get("tags") or [])]
+        for logger in build_loggers(self.cfg, self.run_dir, states):
+            try:
+                logger.start(self.hparams, self.resolved(), tags, resumed)
+            except Exception as e:
+                detail = (str(e).strip().splitlines() or [""])[0]
+                raise KdexpError(f"logger={logger.name} could not start: {type(e).__name__}: {detail}") from e
+            self.loggers.append(logger)
+        self.record["loggers"] = {logger.name: logger.state for logger in self.loggers}
+
+    def _each_logger(self, call: str, *args) -> None:
+        """`call` on every logger. A backend that fails mid-run must not stop the training: it is
+        warned about once (and kept under `warnings`) and dropped."""
+        for logger in list(self.loggers):
+            try:
+                getattr(logger, call)(*args)
+            except Exception as e:
+                self.loggers.remove(logger)
+                with contextlib.suppress(Exception):
+                    logger.close()
+                self.warn([f"logger={logger.name} failed in {call}: {type(e).__name__}: {e}; it is dropped, "
+                           f"the run goes on"])
 
     # -- during the run -------------------------------------------------------------------------
     def write(self) -> None:
@@ -243,10 +281,8 @@ class Recorder:
             atomic_json_dump(self.record, os.path.join(self.run_dir, "metrics.json"))
 
     def scalars(self, metrics: Dict[str, float], step: int) -> None:
-        if self.tb is not None:
-            for k, v in metrics.items():
-                self.tb.add_scalar(k, v, step)
-            self.tb.flush()
+        if metrics:
+            self._each_logger("metrics", metrics, step)
 
     def teacher(self, info: dict) -> None:
         """The teacher's record {source, key, val/acc, history, ...}: its training curves as
@@ -349,19 +385,17 @@ class Recorder:
             "time/samples_per_s": sum(h["time/samples_per_s"] for h in hist) / len(hist) if hist else None,
         }
         self.write()
-        if self.tb is None:
-            return
-        if status == "done":
-            # HParams tab: written into this run's own event file (SummaryWriter.add_hparams
-            # would make a sibling run), with the final metrics as the run's metrics.
-            final = {**self.record.get("final", {}), "best/val/acc": self.record["best"]["val/acc"]}
-            if self.record.get("teacher", {}).get("val/acc") is not None:
-                final["teacher/val/acc"] = self.record["teacher"]["val/acc"]
-            for s in hparams_summary(self.hparams, {k: 0.0 for k in final}):
-                self.tb.file_writer.add_summary(s)
-            self.scalars(final, len(hist))
-        self.tb.close()
-        self.tb = None
+        self._each_logger("finish", status, self._final_metrics() if status == "done" else {}, len(hist))
+        self._each_logger("close")
+        self.loggers = []
+
+    def _final_metrics(self) -> Dict[str, float]:
+        """A finished run's metrics for the loggers' summaries (the HParams tab's metrics): the last
+        epoch's, the best val/acc and the teacher's."""
+        final = {**self.record.get("final", {}), "best/val/acc": self.record["best"]["val/acc"]}
+        if self.record.get("teacher", {}).get("val/acc") is not None:
+            final["teacher/val/acc"] = self.record["teacher"]["val/acc"]
+        return final
 
     def done(self, extra: Optional[dict] = None) -> float:
         """Mark the run done (the teacher's accuracies join the final metrics); -> final val/acc."""

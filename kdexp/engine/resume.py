@@ -13,7 +13,7 @@ from kdexp.errors import ConfigError
 log = logging.getLogger(__name__)
 # Keys that may change between the interrupted run and its continuation.
 MAY_CHANGE = ("epochs", "resume", "force", "progress", "checkpoint_every", "hardware", "paths", "eval_batch_size",
-              "not_applied", "chain", "born_again", "tags")
+              "not_applied", "chain", "born_again", "tags", "logger")
 
 
 def read_metrics(run_dir: str) -> Optional[dict]:
