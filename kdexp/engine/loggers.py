@@ -109,9 +109,11 @@ class TensorBoardLogger(Logger):
 # ------------------------------------------------------------------------------ csv
 @LOGGERS.register("csv")
 class CsvLogger(Logger):
-    """metrics.csv: columns epoch + every metric in the order they first appeared. A row is appended
-    per step; a new column, or a step logged again (the teacher's curves, a resumed run's teacher), rewrites
-    the file (atomically, so a reader never sees half of it)."""
+    """metrics.csv: columns epoch + every metric in the order they first appeared, one row per student
+    epoch. A row is appended per epoch; a new column, or an epoch logged again (the test split's
+    metrics after the last one), rewrites the file (atomically, so a reader never sees half of it).
+    The teacher's curves (teacher/*, at the teacher's own epochs) stay out: a row is a student epoch;
+    they are in metrics.json's teacher.history."""
 
     def start(self, params, config, tags, resumed):
         self.path = os.path.join(self.run_dir, "metrics.csv")
@@ -124,6 +126,7 @@ class CsvLogger(Logger):
         self._rewrite()
 
     def metrics(self, metrics, step):
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("teacher/")}
         if not metrics:
             return
         new = [k for k in metrics if k not in self.columns]

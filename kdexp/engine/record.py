@@ -336,9 +336,7 @@ class Recorder:
 
     def _contents(self, state: dict) -> dict:
         """What a checkpoint file holds: the fit state, the teacher's key and the resolved config."""
-        if self._resolved is None:
-            self._resolved = OmegaConf.to_container(self.cfg, resolve=True)
-        return {**state, "teacher_key": self.record.get("teacher", {}).get("key"), "config": self._resolved}
+        return {**state, "teacher_key": self.record.get("teacher", {}).get("key"), "config": self.resolved()}
 
     def checkpoint(self, state: dict) -> None:
         """checkpoints/last.pt (resume) and student.pt (the deployable weights) of the same epoch."""
