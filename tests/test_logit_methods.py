@@ -226,9 +226,9 @@ def test_stop_at_acc_stops_after_the_first_epoch_that_reaches_it(shared, digits)
     compose_cfg, _ = shared
     stop = compose_cfg("teacher.epochs=5", "teacher.stop_at_acc=0.01", "teacher.args.channels=[4,4,4]")
     one = compose_cfg("teacher.epochs=1", "teacher.args.channels=[4,4,4]")
-    a = _train(stop.teacher, digits, 1024, False)
-    b = _train(one.teacher, digits, 1024, False)
+    (a, history), (b, _) = _train(stop.teacher, digits, 1024, False), _train(one.teacher, digits, 1024, False)
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert [h["epoch"] for h in history] == [1]  # the history ends where the training stopped
 
 
 def test_tfkd_self_teacher_has_the_students_architecture(shared, digits):
