@@ -51,6 +51,8 @@ LAYER_RULES: Tuple[Tuple[Tuple[str, ...], Tuple[str, ...], str], ...] = (
      "structured configs sit above methods (kdexp.config imports the method registry)"),
     (("kdexp.catalog",), ("kdexp.engine",),
      "listings and --help describe the registries: they need no engine"),
+    (("kdexp.report",), ("kdexp.engine", "kdexp.methods", "kdexp.models", "kdexp.data", "kdexp.train"),
+     "summaries and plots read metrics.json files: an installed kdexp reports without torch's import cost"),
 )
 
 MAX_FUNCTION_LINES = 70

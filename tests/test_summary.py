@@ -17,7 +17,7 @@ from tests.conftest import ROOT
 
 
 def write_run(root: Path, status="done", final=None, best=None, best_epoch=3, test=None, splits=None,
-              best_metric=None, **overrides):
+              best_metric=None, ignores=None, **overrides):
     """A run directory named after its overrides, holding the metrics.json a run writes."""
     items = [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()]
     run = root / ",".join(items)
@@ -32,6 +32,8 @@ def write_run(root: Path, status="done", final=None, best=None, best_epoch=3, te
         m["best"].update({"metric": best_metric, "mode": "min"})
     if splits:
         m["splits"] = splits
+    if ignores is not None:  # what the run's method ignores, as the run plan records it
+        m["plan"] = {"ignores": ignores}
     if status == "failed":
         m["error"] = "ConfigError: boom"
     (run / "metrics.json").write_text(json.dumps(m))
@@ -174,6 +176,21 @@ def test_baseline_run_at_one_temperature_serves_every_temperature(tmp_path, caps
     assert float(rows["kd", "4"]["diff"]) == pytest.approx(0.01)
     assert rows["kd", "1"]["note"] == "no baseline run at method.temperature=1: compared with method.temperature=4"
     assert rows["kd", "4"]["note"] == ""
+
+
+def test_a_baseline_stands_in_only_across_keys_its_method_ignores(tmp_path, capsys):
+    """With what each method ignores recorded (plan.ignores), ce at T=4 serves kd at T=1 (ce ignores
+    temperature), but ce on digits never serves kd on another dataset: that row is not compared."""
+    ce = ["temperature", "alpha", "beta"]
+    for seed, acc in enumerate([0.90, 0.92]):
+        write_run(tmp_path, final=acc, method="ce", seed=seed, method__temperature=4, dataset="digits", ignores=ce)
+    for t, dataset, accs in ((1, "digits", [0.93, 0.95]), (4, "mnist", [0.97, 0.99])):
+        for seed, acc in enumerate(accs):
+            write_run(tmp_path, final=acc, method="kd", seed=seed, method__temperature=t, dataset=dataset,
+                      ignores=["beta"])
+    rows = {(r["method"], r["dataset"]): r for r in statistics_csv(capsys, tmp_path, "--baseline", "method=ce")}
+    assert float(rows["kd", "digits"]["diff"]) == pytest.approx(0.03)
+    assert rows["kd", "mnist"]["diff"] == "" and "not compared" in rows["kd", "mnist"]["note"]
 
 
 def test_baseline_groups_sharing_seeds_are_not_pooled_and_disjoint_ones_are(tmp_path, capsys):

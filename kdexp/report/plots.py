@@ -32,8 +32,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-# Overrides that say where a run wrote or read, not what it ran: never a legend label.
-HIDDEN_KEYS = ("paths.", "hydra.", "dataset.root", "dataset.path", "teacher.checkpoint")
+from kdexp.report.summary import parse_overrides  # noqa: E402  (paths and hydra keys are not a run's knobs)
+
 # Keys a configuration is not told apart by: the method has its own panel, seeds are averaged.
 NOT_LABELS = ("method", "seed")
 # What a method ignores: its Requirements.ignores, recorded in metrics.json (`plan.ignores`); overriding
@@ -73,16 +73,6 @@ class Run:
 
 
 # -- reading ---------------------------------------------------------------------------------------
-
-def parse_overrides(items: Sequence[str]) -> Dict[str, str]:
-    """["method.temperature=4", "+x=1", "paths.cache_dir=..."] -> {"method.temperature": "4", "x": "1"}."""
-    out = {}
-    for item in items:
-        key, _, value = item.lstrip("+~").partition("=")
-        if not key.startswith(HIDDEN_KEYS):
-            out[key] = value
-    return out
-
 
 def read_run(path: Path, root: Path) -> Optional[Run]:
     """The run of one metrics.json; None for unreadable files and runs that are not done."""

@@ -32,7 +32,7 @@ import numpy as np
 
 from kdexp.errors import ConfigError, KdexpError
 
-HIDDEN_KEYS = ("paths.", "hydra.", "dataset.root", "dataset.path", "teacher.checkpoint")
+HIDDEN_KEYS = ("paths.", "hydra.", "logger", "dataset.root", "dataset.path", "teacher.checkpoint")
 METRICS = ("val/acc", "best/val/acc", "val/loss", "train/loss", "teacher/val/acc", "teacher", "epoch_s")
 
 # Statistics-table columns -> where metrics.json holds them (section, key). `best` is val/acc at
@@ -81,6 +81,8 @@ def find_runs(root: str):
 
 
 def parse_overrides(items) -> Dict[str, str]:
+    """["method.temperature=4", "+x=1", "paths.cache_dir=..."] -> {"method.temperature": "4", "x": "1"}:
+    the overrides that say what a run ran (HIDDEN_KEYS say where it wrote or read)."""
     out = {}
     for item in items:
         key, _, value = item.lstrip("+~").partition("=")
@@ -143,6 +145,15 @@ class Group:
     @property
     def seeds(self) -> frozenset:
         return frozenset(r.overrides.get("seed") for r in self.done)
+
+    @property
+    def ignores(self) -> Optional[frozenset]:
+        """The method.* keys its runs' method ignores (metrics.json plan.ignores: the method's
+        requirements), None when no run recorded them (runs made before kdexp kept them)."""
+        recorded = [(r.metrics.get("plan") or {}).get("ignores") for r in self.runs]
+        if all(i is None for i in recorded):
+            return None
+        return frozenset(f"method.{k}" for i in recorded if i is not None for k in i)
 
     def order(self) -> Tuple[str, ...]:
         """A sort key that orders groups the same way on every call (None before any value)."""
@@ -310,15 +321,22 @@ def pool_or_pick(candidates: List[Group]) -> Tuple[List[Group], Optional[str]]:
 
 def match_baseline(group: Group, candidates: List[Group], keys: Sequence[str]) -> Tuple[List[Group], List[str]]:
     """The baseline group(s) for `group`: those that agree with it on every key in `keys` (the
-    overrides the baseline does not name). A key whose value the baseline was never run at (ce at one
-    temperature only, or no temperature at all) is skipped for this group, and a note says so."""
+    overrides the baseline does not name). A key whose value the baseline was never run at is
+    skipped, with a note, when the baseline's method ignores it or has no such key (ce at one
+    temperature only, or none; dkd's method.warmup_epochs against ce); any other (a dataset, a
+    student) leaves the group without a baseline: -> ([], notes). Runs that did not record what their
+    method ignores are compared as in the first case."""
     notes = []
+    ignored = set().union(*(c.ignores for c in candidates)) if all(c.ignores is not None for c in candidates) else None
     for k in keys:
-        if group.where[k] in {c.where[k] for c in candidates}:
+        values = {c.where[k] for c in candidates}
+        if group.where[k] in values:
             candidates = [c for c in candidates if c.where[k] == group.where[k]]
-        else:
-            others = sorted({"(not set)" if c.where[k] is None else c.where[k] for c in candidates})
-            notes.append(f"no baseline run at {where_text(group, [k])}: compared with {k}={'|'.join(others)}")
+            continue
+        others = "|".join(sorted("(not set)" if v is None else v for v in values))
+        if ignored is not None and k not in ignored and not (k.startswith("method.") and values == {None}):
+            return [], notes + [f"no baseline run at {where_text(group, [k])} (baseline: {k}={others}): not compared"]
+        notes.append(f"no baseline run at {where_text(group, [k])}: compared with {k}={others}")
     chosen, note = pool_or_pick(candidates)
     return chosen, notes + ([note] if note else [])
 
@@ -347,6 +365,9 @@ def statistics_rows(groups: Sequence[Group], columns: Sequence[str], spec: Dict[
         row = Row(g, {c: describe(g.values(c)) for c in columns}, is_baseline=any(g is b for b in bases))
         if bases and not row.is_baseline:
             chosen, row.notes = match_baseline(g, bases, others)
+            if not chosen:
+                rows.append(row)
+                continue
             row.comparison = compare(g.values(compared), [v for b in chosen for v in b.values(compared)])
             if row.comparison.why:
                 row.notes.append(f"no CI/p: {row.comparison.why}")
@@ -414,7 +435,7 @@ def stat_text(stat: Stat, n: int, digits: int = 4, spread: bool = True) -> str:
 def comparison_texts(row: Row, marks: str) -> List[str]:
     if row.is_baseline:
         return ["baseline", "", ""]
-    c = row.comparison
+    c = row.comparison or Comparison(None)  # None: no baseline run matches the group
     diff = "-" if c.diff is None else f"{c.diff:+.4f}"
     ci = "-" if c.low is None else f"[{c.low:+.4f}, {c.high:+.4f}]"
     p = "-" if c.p is None else ("<0.001" if c.p < 0.001 else f"{c.p:.3f}")
