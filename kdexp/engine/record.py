@@ -1,11 +1,13 @@
 """The recorder: the one owner of a run directory.
 
     <run_dir>/metrics.json        status (running | done | failed + error), history, final, best,
-                                  timings, teacher, hardware, ... (rewritten after every epoch)
+                                  splits, stopped, tags, timings, teacher (+ its history), hardware, ...
+                                  (rewritten after every epoch)
+    <run_dir>/metrics.csv         one row per epoch, with logger=csv
     <run_dir>/tb/                 TensorBoard scalars + HParams (same run folder), with logger=tensorboard
                                   (the default; other loggers: kdexp.engine.loggers)
     <run_dir>/checkpoints/last.pt the fit state after the last finished epoch (resume)
-    <run_dir>/checkpoints/best.pt the same content at the epoch of the best val/acc so far
+    <run_dir>/checkpoints/best.pt the same content at the best epoch so far by monitor.metric (val/acc)
     <run_dir>/student.pt          the student's plain state_dict (torch.load(..., weights_only=True))
     <run_dir>/run_info.json       what reproduces it (command, git commit, package versions)
     <run_dir>/config.yaml         the resolved config
