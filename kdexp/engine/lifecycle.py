@@ -33,7 +33,11 @@ def run(cfg, run_dir: str, overrides=()) -> float:
     try:
         run_dir = dist.broadcast_object(run_dir)  # rank 0's run directory (timestamps may differ per rank)
         with run_dir_lock(run_dir, dist.is_main), interruptible():
-            return _run(cfg, run_dir, overrides, dist)
+            value = _run(cfg, run_dir, overrides, dist)
+            # DDP: every rank finished before any tears the process group down; a rank done first
+            # (rank 0 still writes its record) would otherwise abort in gloo ("terminate called ...")
+            dist.barrier()
+            return value
     except (KeyboardInterrupt, RunInterrupted) as e:  # training records its own; this names the run for the rest
         if isinstance(e, RunInterrupted) and e.run_dir:
             raise
