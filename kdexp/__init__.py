@@ -1,5 +1,7 @@
 """kdexp: a Hydra-configured experiment runner for knowledge distillation."""
+import os
 from pathlib import Path
+from typing import List
 
 __version__ = "0.1.0"
 
@@ -12,3 +14,9 @@ def config_dir() -> str:
         if (candidate / "config.yaml").is_file():
             return str(candidate)
     raise FileNotFoundError(f"kdexp configs not found in {here / 'conf'} or {here.parent / 'conf'}")
+
+
+def group_options(conf: str, group: str) -> List[str]:
+    """The options of a config group: the YAML files of its folder (<conf>/<group>), by name."""
+    folder = os.path.join(conf, group)
+    return sorted(f[:-len(".yaml")] for f in os.listdir(folder) if f.endswith(".yaml"))

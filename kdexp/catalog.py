@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from kdexp import config_dir
+from kdexp import config_dir, group_options
 from kdexp.data import DATASETS
 from kdexp.methods import METHODS
 from kdexp.models import MODELS
@@ -102,12 +102,6 @@ def dataset_rows(conf: str) -> List[Tuple[str, str, str]]:
 
 
 # ------------------------------------------------------------------------------ config groups
-def group_options(conf: str, group: str) -> List[str]:
-    """The options of a config group: the YAML files of its folder (conf/<group>), by name."""
-    folder = os.path.join(conf, group)
-    return sorted(f[:-len(".yaml")] for f in os.listdir(folder) if f.endswith(".yaml"))
-
-
 def config_groups(conf: str) -> List[str]:
     """The experiment's config groups: every folder of conf/ that holds options, but Hydra's own."""
     return sorted(d for d in os.listdir(conf) if d not in HYDRA_FOLDERS and os.path.isdir(os.path.join(conf, d))

@@ -14,7 +14,7 @@ from kdexp.engine.hardware import CPU, Accelerator
 from kdexp.engine.optim import build_optimizer, build_scheduler
 
 
-def fit(stepper, source, *, optim_cfg, epochs: int, on_epoch: Optional[Callable[[int, object, dict], None]] = None,
+def fit(stepper, source, *, optim_cfg, epochs: int, on_epoch: Optional[Callable[[int, object, dict], Optional[bool]]] = None,
         state: Optional[dict] = None, progress: bool = False, desc: str = "train",
         accel: Optional[Accelerator] = None, profiler=None) -> List[object]:
     """Train `stepper.param_groups(optim_cfg)` for `epochs` epochs on batches of `source`; returns

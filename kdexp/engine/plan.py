@@ -18,7 +18,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from kdexp import config_dir
+from kdexp import config_dir, group_options
 from kdexp.config import ModelConfig, TeacherConfig, debugging, validate, validate_teacher
 from kdexp.data import dataset_signature
 from kdexp.engine.loggers import check_loggers
@@ -291,15 +291,10 @@ def _load_option(group: str, name: str, where: str):
     folder = os.path.join(config_dir(), group)
     path = os.path.join(folder, f"{name}.yaml")
     if not os.path.isfile(path):
-        raise ConfigError(f"{where}: unknown {group} option {name!r}; options: {', '.join(options(group))}")
+        raise ConfigError(f"{where}: unknown {group} option {name!r}; options: {', '.join(group_options(config_dir(), group))}")
     node = OmegaConf.load(path)
     node.pop("defaults", None)
     return OmegaConf.merge(OmegaConf.structured(TeacherConfig if group == "teacher" else ModelConfig), node)
-
-
-def options(group: str) -> List[str]:
-    folder = os.path.join(config_dir(), group)
-    return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
 
 
 def resolve_teachers(items) -> List[DictConfig]:
@@ -446,7 +441,7 @@ def _fits(p: RunPlan, student_node, teacher) -> bool:
 
 def _model_options(group: str):
     """(name, node) of the options of `group` that name a model: not custom (arch=???, the user's own)."""
-    nodes = ((name, _load_option(group, name, group)) for name in options(group))
+    nodes = ((name, _load_option(group, name, group)) for name in group_options(config_dir(), group))
     return [(name, node) for name, node in nodes if not OmegaConf.is_missing(node, "arch")]
 
 

@@ -214,7 +214,7 @@ class Recorder:
         """The fit state of an interrupted run to continue (its record is taken over), or None."""
         state, record = load_checkpoint(self.cfg, self.run_dir)
         self.record = record or {}
-        for watch in [self.monitor] + [rule.best for rule in self.stops if hasattr(rule, "best")]:
+        for watch in [self.monitor, *self.stops]:
             watch.replay(self.record.get("history", []))  # the best epoch and patience so far
         return state
 
@@ -231,7 +231,8 @@ class Recorder:
         recorded, in one line."""
         self.hparams = {k: _hparam_value(v) for k, v in hparams.items()}
         self.record.update({"status": "running", "overrides": self.overrides, "hparams": self.hparams,
-                            "tags": list(self.cfg.get("tags") or []), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+                            "tags": [str(t) for t in self.cfg.get("tags") or []],
+                            "started": time.strftime("%Y-%m-%d %H:%M:%S")})
         self.record.setdefault("history", [])
         if not self.main:
             return
@@ -254,10 +255,9 @@ class Recorder:
         resumed (loggers.<name>). The knobs of the HParams tab are their params, the resolved config
         and the run's tags go to those that store them (mlflow, wandb)."""
         states = self.record.get("loggers", {}) if resumed else {}
-        tags = [str(t) for t in (self.cfg.get("tags") or [])]
         for logger in build_loggers(self.cfg, self.run_dir, states):
             try:
-                logger.start(self.hparams, self.resolved(), tags, resumed)
+                logger.start(self.hparams, self.resolved(), self.record["tags"], resumed)
             except Exception as e:
                 detail = (str(e).strip().splitlines() or [""])[0]
                 raise KdexpError(f"logger={logger.name} could not start: {type(e).__name__}: {detail}") from e

@@ -64,6 +64,10 @@ class EarlyStop:
     best: Best
     patience: int
 
+    def replay(self, history: List[Dict[str, float]]) -> None:
+        """Continue the count of a resumed run from its recorded epochs."""
+        self.best.replay(history)
+
     def __call__(self, epoch: int, metrics: Dict[str, float]) -> Optional[str]:
         self.best.update(epoch, metrics)
         if self.best.since >= self.patience:
@@ -80,6 +84,9 @@ class Threshold:
     mode: str
     key: str
 
+    def replay(self, history: List[Dict[str, float]]) -> None:
+        """Nothing to continue: each epoch is judged alone."""
+
     def __call__(self, epoch: int, metrics: Dict[str, float]) -> Optional[str]:
         v = metric_of(metrics, self.metric, self.key)
         if (v >= self.value) if self.mode == "max" else (v <= self.value):
@@ -88,7 +95,9 @@ class Threshold:
 
 
 def student_stops(cfg) -> list:
-    """The rules that may end a student's training early: early_stop.patience, debug.overfit_loss."""
+    """The rules that may end a student's training early: early_stop.patience, debug.overfit_loss.
+    A rule is called with each epoch's metrics (-> why it stops, or None) and `replay`s a resumed
+    run's recorded epochs."""
     rules = []
     es = cfg.get("early_stop")
     if es is not None and es.patience is not None:

@@ -122,10 +122,8 @@ def _train(tcfg, data: Data, eval_batch_size: int, progress: bool, debug=None) -
     reached = Threshold("val/acc", stop, "max", "teacher.stop_at_acc") if stop is not None else None
     log.info("training teacher %s for %d epochs%s (cached afterwards)", tcfg.arch, tcfg.epochs,
              "" if stop is None else f", or until val/acc >= {stop}")
-    history: List[dict] = []
 
     def on_epoch(epoch, metrics, _state):
-        history.append({"epoch": epoch + 1, **{k: v for k, v in metrics.items() if k.startswith(("train/", "val/"))}})
         log.info("teacher epoch %d/%d  %s", epoch + 1, tcfg.epochs, epoch_summary(metrics))
         why = reached(epoch + 1, metrics) if reached is not None else None
         if why:
@@ -142,9 +140,10 @@ def _train(tcfg, data: Data, eval_batch_size: int, progress: bool, debug=None) -
         train_data = replace(train_data, augment=replace(data.augment, views=0))
     source = limited(InMemorySource(train_data, batch_size=tcfg.batch_size,
                                     seed=derive_seed(tcfg.seed, "teacher/batches")), debug)
-    fit(MethodStepper(ce, train_data, eval_batch_size, desc="teacher"), source, optim_cfg=tcfg.optim,
-        epochs=tcfg.epochs, on_epoch=on_epoch, progress=progress, desc="teacher")
-    return model.eval(), history
+    history = fit(MethodStepper(ce, train_data, eval_batch_size, desc="teacher"), source, optim_cfg=tcfg.optim,
+                  epochs=tcfg.epochs, on_epoch=on_epoch, progress=progress, desc="teacher")
+    return model.eval(), [{"epoch": epoch, **{k: v for k, v in metrics.items() if k.startswith(("train/", "val/"))}}
+                          for epoch, metrics in enumerate(history, 1)]
 
 
 def _reason(e: Exception) -> str:
