@@ -14,7 +14,7 @@ from kdexp.engine.evaluate import limit_validation
 from kdexp.engine.plan import fuse_reason
 from kdexp.engine.record import hparams_of
 from kdexp.engine.source import InMemorySource, LimitedSource, limited
-from kdexp.engine.stopping import Best, EarlyStop, Threshold, resolve_mode
+from kdexp.engine.stopping import Best, EarlyStop, Threshold, resolve_mode, student_stops
 from kdexp.errors import ConfigError
 from kdexp.methods import METHODS
 from kdexp.train import run
@@ -103,6 +103,17 @@ def test_early_stopping_ends_the_run_with_its_checkpoint(train):
     assert m["stopped"]["epoch"] == 2 and "did not improve for 1 epochs" in m["stopped"]["reason"]
     assert torch.load(r / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2
     assert m["final"]["val/acc"] == m["history"][-1]["val/acc"]
+
+
+def test_early_stop_follows_the_monitor_unless_its_own_keys_say_otherwise(tmp_path):
+    compose = composer(tmp_path)
+    (rule,) = student_stops(compose("early_stop.patience=2", "monitor.metric=val/loss", "monitor.mode=max"))
+    assert (rule.best.metric, rule.best.mode, rule.best.key) == ("val/loss", "max", "monitor.metric")
+    (rule,) = student_stops(compose("early_stop.patience=2", "early_stop.mode=min"))
+    assert (rule.best.metric, rule.best.mode) == ("val/acc", "min")  # an explicit mode is not dropped
+    (rule,) = student_stops(compose("early_stop.patience=2", "early_stop.metric=train/loss"))
+    assert (rule.best.metric, rule.best.mode, rule.best.key) == ("train/loss", "min", "early_stop.metric")
+    GlobalHydra.instance().clear()
 
 
 def test_fused_groups_leave_early_stopping_and_debug_runs_alone(tmp_path):

@@ -102,7 +102,9 @@ def student_stops(cfg) -> list:
     es = cfg.get("early_stop")
     if es is not None and es.patience is not None:
         metric = es.metric or cfg.monitor.metric
-        rules.append(EarlyStop(Best(metric, es.mode if es.metric else cfg.monitor.mode, es.min_delta,
+        # the monitor's direction goes with its metric, unless early_stop.mode says otherwise
+        mode = es.mode if es.metric or es.mode != "auto" else cfg.monitor.mode
+        rules.append(EarlyStop(Best(metric, mode, es.min_delta,
                                     key="early_stop.metric" if es.metric else "monitor.metric"), es.patience))
     d = cfg.get("debug")
     if d is not None and d.overfit_batches:
