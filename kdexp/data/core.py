@@ -116,17 +116,20 @@ def fraction_held_out(cfg) -> str:
     return f"dataset.val_fraction={cfg.val_fraction:g} of the data, stratified (split_seed {cfg.split_seed})"
 
 
-def split_for_validation(x: np.ndarray, y: np.ndarray, cfg, where: str, what: str, instead: str):
-    """A builder's validation set when its source has none: dataset.val_fraction of (x, y), stratified
+def split_for_validation(x: np.ndarray, y: np.ndarray, cfg, where: str, what: str, instead: str = "",
+                         key: str = "val_fraction"):
+    """A validation set split off (x, y): the fraction dataset.<key> of it (a builder's whose source has
+    none: val_fraction; one carved from the training data: val_from_train), stratified
     (stratified_split) -> x_train, x_val, y_train, y_val; a split scikit-learn cannot make (a class
     with one sample, fewer validation samples than classes) is one line naming `where` (the
     dataset), the `what` it has ("samples", "training images") and the other way: `instead`."""
+    fraction = cfg[key]
     try:
-        return stratified_split(x, y, cfg.val_fraction, cfg.split_seed)
+        return stratified_split(x, y, fraction, cfg.split_seed)
     except ValueError as e:
         raise DataContentError(f"{where}: no stratified train/val split of its {len(y)} {what} with "
-                               f"dataset.val_fraction={cfg.val_fraction} ({e}); {instead} or change "
-                               f"dataset.val_fraction") from None
+                               f"dataset.{key}={fraction} ({e}); {instead + ' or ' if instead else ''}change "
+                               f"dataset.{key}") from None
 
 
 def labeled_mask(y: np.ndarray, fraction: float, seed: int) -> torch.Tensor:
@@ -295,11 +298,7 @@ def _carve_validation(cfg, x_tr, y_tr, x_va, y_va, where: str):
     fraction = cfg.get("val_from_train")
     if not fraction:
         return x_tr, y_tr, x_va, y_va, None, None, {"val": theirs}
-    try:
-        x_tr, x_new, y_tr, y_new = stratified_split(x_tr, y_tr, fraction, cfg.split_seed)
-    except ValueError as e:
-        raise DataContentError(f"{where}: no stratified split of its {len(y_tr)} training samples with "
-                               f"dataset.val_from_train={fraction} ({e}); change dataset.val_from_train") from None
+    x_tr, x_new, y_tr, y_new = split_for_validation(x_tr, y_tr, cfg, where, "training samples", key="val_from_train")
     return x_tr, y_tr, x_new, y_new, x_va, y_va, {
         "val": f"dataset.val_from_train={fraction:g} of the training data, stratified (split_seed {cfg.split_seed})",
         "test": f"{theirs}, measured once after the last epoch"}
