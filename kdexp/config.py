@@ -206,7 +206,7 @@ class TensorBoardLoggerConfig:
 
 @dataclass
 class CsvLoggerConfig:
-    """logger=csv: <run_dir>/metrics.csv, a row per epoch, a column per metric (TensorBoard's steps)."""
+    """logger=csv: <run_dir>/metrics.csv, a row per student epoch, a column per metric."""
 
 
 @dataclass
