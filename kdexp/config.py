@@ -56,6 +56,17 @@ class DatasetConfig:
     # the test split, evaluated once after the last epoch (test/acc). null: val/acc is measured on
     # that held-out split, as papers that report the test accuracy per epoch do.
     val_from_train: Optional[float] = None
+    # Where the samples live (kdexp.data.stream): true: read once into memory as tensors and batched
+    # by slicing (the fastest path); false: streamed, each batch read by `workers` DataLoader workers;
+    # auto: in memory when the splits take at most memory_budget_gb as float32, else streamed.
+    in_memory: Any = "auto"
+    memory_budget_gb: float = 8.0
+    workers: int = 2
+    # Fixed per-channel normalization (e.g. ImageNet's); null: the training set's statistics
+    # (streamed data: those of up to 2,048 evenly spaced training images).
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
+    augment_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # rrc_flip: area fraction of the box
 
 
 @dataclass
@@ -75,6 +86,17 @@ class ImageFolderDatasetConfig(DatasetConfig):
     name: str = "imagefolder"
     channels: Optional[int] = None  # 1 (grayscale) | 3 (RGB) | null: 1 if every training image is grayscale, else 3
     image_size: Optional[Any] = None  # resize every image to [H, W] (an int: square); null: one size required
+    # ImageNet-style geometry instead of image_size: the shorter side resized to `resize` (null:
+    # crop_size / 0.875), then the centre crop_size x crop_size; augment=rrc_flip crops crop_size boxes.
+    crop_size: Optional[int] = None
+    resize: Optional[int] = None
+
+
+@dataclass
+class ImageNetDatasetConfig(ImageFolderDatasetConfig):
+    """dataset=imagenet: torchvision's ImageNet layout (train/<wnid>/*, val/<wnid>/*) in dataset.path
+    (default: dataset.root/imagenet, else dataset.root itself when it holds train/)."""
+    name: str = "imagenet"
 
 
 @dataclass
@@ -108,6 +130,12 @@ class TeacherConfig(ModelConfig):
     # data views are deterministic); not part of the teacher cache key. false: online every step.
     cache: bool = True
     cache_max_gb: Optional[float] = 4.0  # budget for cached features (logits always); null: no limit
+    # The cached logits on disk (kdexp.engine.output_store), memory-mapped under paths.cache_dir and
+    # shared by later runs and every job of a sweep: auto: when the data streams; true | false.
+    cache_disk: Any = "auto"
+    # Keep only each sample's k largest logits on disk, the rest of the probability mass spread
+    # evenly over the other classes (FKD's soft labels); null: every logit.
+    cache_topk: Optional[int] = None
     # Pretrain the teacher on another class subset of the dataset (layer transfer: classes: [0,1,2,3,4]
     # while dataset.classes=[5,6,7,8,9]); for methods that start from its weights (finetune,
     # progressive). null: the run's classes. Part of the teacher cache key.
@@ -294,7 +322,8 @@ class Config:
 
 # Datasets with a schema of their own (conf/dataset/<name>.yaml extends /schema/dataset/<name>);
 # every other dataset uses DatasetConfig (/schema/dataset/base).
-DATASET_SCHEMAS = {"fake": FakeDatasetConfig, "imagefolder": ImageFolderDatasetConfig, "custom": CustomDatasetConfig}
+DATASET_SCHEMAS = {"fake": FakeDatasetConfig, "imagefolder": ImageFolderDatasetConfig, "imagenet": ImageNetDatasetConfig,
+                   "custom": CustomDatasetConfig}
 
 
 def register_configs() -> None:

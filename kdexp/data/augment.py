@@ -7,6 +7,9 @@ function of them: the student and the teacher-output cache see the very same vie
 continues with the same draws, and `metrics.json` records what was drawn (kind, pad, views, seed).
 
     dataset.augment=crop_flip        random crop (padding 4) + horizontal flip, the CIFAR recipe
+    dataset.augment=rrc_flip         RandomResizedCrop (dataset.augment_scale) + flip, the ImageNet
+                                     recipe: streamed data only (kdexp.data.stream), each image
+                                     cropped at its own size
     dataset.augment_views=0          a fresh draw every epoch: the teacher runs online on it
     dataset.augment_views=K          K fixed draws cycled over the epochs (epoch e uses draw e % K):
                                      the teacher's outputs are cached per draw (view "train@aug<k>")
@@ -21,7 +24,7 @@ import torch
 from kdexp.errors import ConfigError
 from kdexp.seeding import derive_seed
 
-KINDS = ("none", "flip", "crop", "crop_flip")
+KINDS = ("none", "flip", "crop", "crop_flip", "rrc_flip")
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ class Augment:
         if len(in_shape) != 3:
             raise ConfigError(f"dataset.augment={kind} needs image inputs (C, H, W); dataset {cfg.name} has inputs of "
                               f"shape {tuple(in_shape)}: use dataset.augment=none")
-        return Augment(kind, pad if "crop" in kind else 0, views)
+        return Augment(kind, pad if kind in ("crop", "crop_flip") else 0, views)
 
     def draw_of_epoch(self, epoch: int) -> int:
         return epoch % self.views if self.views else epoch
@@ -62,6 +65,10 @@ class Augment:
         return torch.cat([offsets, flip], 1).to(device)
 
     def view(self, x: torch.Tensor, draw: int) -> "AugmentedView":
+        """x under draw `draw`: an AugmentedView of a tensor; streamed inputs (kdexp.data.stream.LazyInputs)
+        give their own drawn view, read sample by sample by the loader's workers."""
+        if hasattr(x, "drawn"):
+            return x.drawn(self, draw)
         return AugmentedView(x, self.params(draw, len(x), tuple(x.shape[-2:]), x.device), self.pad)
 
     def describe(self) -> dict:

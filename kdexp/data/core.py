@@ -25,6 +25,8 @@ import torch
 
 from kdexp.data.augment import Augment
 from kdexp.data.domain import apply_transforms, describe, parse_transforms as domain_steps, target_shape
+from kdexp.data.stream import (PROGRESS_ABOVE, RRC_SCALE, LazyInputs, as_listing, channel_stats, materialized,
+                               nbytes_of, stats_sample)
 from kdexp.data.sanity import (check_class_counts, check_finite, check_label_range, check_standardized, checked_labels,
                                labels_num_classes)
 from kdexp.errors import ConfigError, DataContentError
@@ -256,6 +258,15 @@ def load_dataset(cfg, domain=None, cache_dir: Optional[str] = None) -> Data:
             x_te, y_te = _select_classes(x_te, y_te, classes, "test")
         num_classes = len(classes)
     warnings = check_class_counts(y_tr, y_va, num_classes, where, classes, derived)
+    keep, why = in_memory(cfg, x_tr, x_va, x_te)
+    if not keep:
+        return _streamed(cfg, where, why, (x_tr, y_tr, x_va, y_va, x_te, y_te), num_classes, warnings, splits, domain)
+    if cfg.get("augment") == "rrc_flip":
+        raise ConfigError(f"dataset.augment=rrc_flip crops every image at its own size, which streamed data does "
+                          f"({why}); set dataset.in_memory=false, or dataset.augment=crop_flip for data in memory")
+    x_tr, x_va, x_te = materialized(x_tr), materialized(x_va), materialized(x_te) if x_te is not None else None
+    if len(x_tr) > PROGRESS_ABOVE:
+        log.info("%s: in memory (%s)", where, why)
     x_tr = torch.as_tensor(np.ascontiguousarray(x_tr), dtype=torch.float32)
     x_va = torch.as_tensor(np.ascontiguousarray(x_va), dtype=torch.float32)
     check_finite(x_tr, x_va, where)
@@ -270,8 +281,7 @@ def load_dataset(cfg, domain=None, cache_dir: Optional[str] = None) -> Data:
         x_va_t = apply_transforms(x_va, steps, "val", value_range)
         x_te_t = apply_transforms(x_te, steps, "test", value_range) if x_te is not None else None
     if cfg.normalize:
-        dims = [0] + list(range(2, x_tr.dim()))  # per channel for images, per feature for vectors
-        mean, std = x_tr.mean(dims, keepdim=True), x_tr.std(dims, keepdim=True).clamp_min(1e-6)
+        mean, std = fixed_stats(cfg, x_tr.dim()) or channel_stats(x_tr)  # per channel (images) or feature (vectors)
         x_tr, x_va = (x_tr - mean) / std, (x_va - mean) / std
         if steps:  # the source statistics: one preprocessing for both views
             x_tr_t, x_va_t = (x_tr_t - mean) / std, (x_va_t - mean) / std
@@ -287,6 +297,67 @@ def load_dataset(cfg, domain=None, cache_dir: Optional[str] = None) -> Data:
                 x_tr_t, x_va_t, describe(steps) if steps else None,
                 augment=Augment.from_config(cfg, tuple(x_tr.shape[1:])), warnings=warnings,
                 x_test=x_te, y_test=y_te, x_test_target=x_te_t, splits=splits)
+
+
+def in_memory_choice(cfg):
+    """dataset.in_memory as True, False or "auto" (a string true/false from a YAML or an override
+    too), or one line naming the valid values."""
+    choice = cfg.get("in_memory", "auto")
+    choice = {"true": True, "false": False}.get(choice, choice) if isinstance(choice, str) else choice
+    if choice is not True and choice is not False and choice != "auto":
+        raise ConfigError(f"dataset.in_memory={cfg.get('in_memory')!r}: one of auto, true, false")
+    return choice
+
+
+def in_memory(cfg, *parts) -> Tuple[bool, str]:
+    """Whether the splits (arrays or kdexp.data.stream Listings; None: absent) are read into memory,
+    and why in words: dataset.in_memory true | false, or auto (their float32 size within
+    dataset.memory_budget_gb)."""
+    choice = in_memory_choice(cfg)
+    if choice != "auto":
+        return choice, f"dataset.in_memory={str(choice).lower()}"
+    need = sum(nbytes_of(p) for p in parts if p is not None) / 2 ** 30
+    budget = cfg.get("memory_budget_gb", 8.0)
+    keep = need <= budget
+    return keep, (f"dataset.in_memory=auto: {need:.2f} GB as float32, {'within' if keep else 'above'} "
+                  f"dataset.memory_budget_gb={budget:g}")
+
+
+def fixed_stats(cfg, dim: int):
+    """dataset.mean / dataset.std as (1, C, 1, 1) tensors (for inputs of `dim` dimensions), or None."""
+    if cfg.get("mean") is None and cfg.get("std") is None:
+        return None
+    if cfg.get("mean") is None or cfg.get("std") is None or len(cfg.mean) != len(cfg.std):
+        raise ConfigError(f"dataset.mean={cfg.get('mean')} and dataset.std={cfg.get('std')}: give both, one value per "
+                          f"channel (or neither: the training set's statistics)")
+    shape = (1, len(cfg.mean)) + (1,) * (dim - 2)
+    return (torch.tensor(list(cfg.mean), dtype=torch.float32).view(shape),
+            torch.tensor(list(cfg.std), dtype=torch.float32).view(shape))
+
+
+def _streamed(cfg, where: str, why: str, splits_xy, num_classes: int, warnings: List[str], splits, domain) -> Data:
+    """The Data of streamed splits: LazyInputs over their listings, normalized with the training
+    statistics (those of a sample, kdexp.data.stream.stats_sample) or dataset.mean/std."""
+    x_tr, y_tr, x_va, y_va, x_te, y_te = splits_xy
+    if domain_steps(domain):
+        raise ConfigError(f"domain={describe(domain_steps(domain))}: a domain shift transforms the data in memory; "
+                          f"{where} streams ({why}): set dataset.in_memory=true")
+    listings = [as_listing(x) if x is not None else None for x in (x_tr, x_va, x_te)]
+    shape = listings[0].sample_shape
+    mean = std = None
+    if cfg.normalize:
+        mean, std = fixed_stats(cfg, 1 + len(shape)) or channel_stats(stats_sample(listings[0]))
+    log.info("%s: streamed by %d DataLoader workers (%s): %d train / %d val samples of shape %s", where,
+             cfg.get("workers", 2), why, len(x_tr), len(x_va), shape)
+    lazy = [LazyInputs(l, mean, std, cfg.get("workers", 2), scale=cfg.get("augment_scale", RRC_SCALE))
+            if l is not None else None for l in listings]
+    fraction = cfg.get("label_fraction", 1.0)
+    labeled = labeled_mask(y_tr, fraction, cfg.split_seed) if fraction < 1.0 else None
+    for line in warnings:
+        log.warning(line)
+    return Data(lazy[0], torch.as_tensor(y_tr), lazy[1], torch.as_tensor(y_va), num_classes, cfg.name, labeled,
+                augment=Augment.from_config(cfg, tuple(shape)), warnings=warnings, x_test=lazy[2],
+                y_test=torch.as_tensor(y_te) if y_te is not None else None, splits=splits)
 
 
 def _carve_validation(cfg, x_tr, y_tr, x_va, y_va, where: str):

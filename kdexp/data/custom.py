@@ -1,7 +1,8 @@
 """dataset=custom: any map-style torch.utils.data.Dataset by import path, dataset.train._target_ (its
 constructor's keyword arguments beside it, e.g. +dataset.train.root=...), and the same for
 dataset.val (no dataset.val._target_: a stratified split of train, dataset.val_fraction). Each dataset is read fully
-into memory once: item i is (x, y); x a tensor, numpy array or PIL image, y an integer class id.
+into memory once, or streamed item by item (dataset.in_memory; kdexp.data.stream): item i is (x, y); x a tensor,
+numpy array or PIL image, y an integer class id.
 
 Its signature is unknown (None, None): the run plan does not construct the user's class, which may
 download or scan a disk; the shape is checked when the data is loaded."""
@@ -14,9 +15,9 @@ import numpy as np
 from kdexp.data.core import as_images, fraction_held_out, register_dataset, split_for_validation
 from kdexp.data.images import channels_of, pil_to_array
 from kdexp.data.sanity import DataContentError
+from kdexp.data.stream import PROGRESS_ABOVE, DatasetReader, Listing
 from kdexp.errors import ConfigError
 
-PROGRESS_ABOVE = 10_000  # samples: a bar on a terminal for datasets larger than this
 
 
 def custom_origin(cfg) -> str:
@@ -125,6 +126,23 @@ def read_all(dataset, where: str) -> Tuple[np.ndarray, np.ndarray]:
     return as_images(np.stack(xs)), np.asarray(ys, dtype=np.int64)
 
 
+def _read(cfg, dataset, where: str):
+    """(inputs, labels) of a user's dataset: every item read into memory (read_all), or, when the data
+    streams (dataset.in_memory, kdexp.data.core.in_memory), a Listing of its items and the labels alone:
+    its `targets` (torchvision's convention) or a pass over the items' labels."""
+    from kdexp.data.core import in_memory
+
+    listing = Listing(DatasetReader(dataset, where, _as_array))
+    if in_memory(cfg, listing)[0]:
+        return read_all(dataset, where)
+    targets = getattr(dataset, "targets", None)
+    if targets is not None and len(targets) == len(dataset):
+        labels = [_as_label(y, where, i) for i, y in enumerate(targets)]
+    else:
+        labels = [_as_label(dataset[i][1], where, i) for i in _items(dataset, where)]
+    return listing, np.asarray(labels, dtype=np.int64)
+
+
 def _num_classes(dataset):
     """len(dataset.classes) when the dataset names its classes (torchvision's do), else None:
     load_dataset then takes the largest label + 1 and rejects classes without samples."""
@@ -132,16 +150,16 @@ def _num_classes(dataset):
     return len(classes) if isinstance(classes, (list, tuple)) and len(classes) >= 2 else None
 
 
-@register_dataset("custom", signature=lambda cfg: (None, None), origin=custom_origin,
+@register_dataset("custom", signature=lambda cfg: (None, None), origin=custom_origin, streams=True,
                   held_out=lambda cfg: "dataset.val" if (cfg.get("val") or {}).get("_target_") else fraction_held_out(cfg))
 def custom(cfg):
     """dataset.train (and dataset.val, else a stratified split) instantiated and read into memory."""
     where = custom_origin(cfg)
     train = instantiate(cfg.get("train"), "dataset.train")
     num_classes = _num_classes(train)
-    x_tr, y_tr = read_all(train, where)
+    x_tr, y_tr = _read(cfg, train, where)
     if cfg.get("val") is not None and cfg.val.get("_target_"):
-        x_va, y_va = read_all(instantiate(cfg.val, "dataset.val"), f"dataset.val._target_={cfg.val.get('_target_')!r}")
+        x_va, y_va = _read(cfg, instantiate(cfg.val, "dataset.val"), f"dataset.val._target_={cfg.val.get('_target_')!r}")
         return x_tr, y_tr, x_va, y_va, num_classes
     x_tr, x_va, y_tr, y_va = split_for_validation(x_tr, y_tr, cfg, where, "samples", "set dataset.val._target_")
     return x_tr, y_tr, x_va, y_va, num_classes

@@ -1,7 +1,9 @@
 """dataset=imagefolder: a directory in torchvision's ImageFolder layout, DIR/train/<class>/* and
 optionally DIR/val/<class>/* (without val/: a stratified split of train, dataset.val_fraction).
-Class ids follow the sorted class folder names; every image is read once with PIL into memory
-(kdexp.data.images: grayscale or RGB, dataset.image_size, values in [0, 1])."""
+Class ids follow the sorted class folder names; every image is read with PIL (kdexp.data.images:
+grayscale or RGB, dataset.image_size or crop_size, values in [0, 1]), once into memory or, when the
+data streams (dataset.in_memory), by the loader's workers (kdexp.data.stream). dataset=imagenet is
+the same reader on torchvision's ImageNet layout."""
 import logging
 import os
 from typing import List, Optional, Tuple
@@ -9,7 +11,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from kdexp.data.core import fraction_held_out, register_dataset, split_for_validation
-from kdexp.data.images import channels_of, check_channels, parse_image_size, pil_to_array, stack_same_size
+from kdexp.data.images import channels_of, check_channels, parse_image_size, stack_same_size
+from kdexp.data.stream import FileReader, Geometry, Listing
 from kdexp.data.sanity import DataContentError
 from kdexp.errors import ConfigError, DataError
 
@@ -81,11 +84,36 @@ def _open(cfg, path: str):
                                f"fix or remove it") from None
 
 
-def _auto_channels(cfg, images, files) -> int:
-    """dataset.channels=null: 1 when every training image is grayscale, else 3. The run plan's
+def _header(cfg, path: str) -> Tuple[str, Tuple[int, int]]:
+    """(PIL mode, (height, width)) of the image at `path`, from its header (nothing decoded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.mode, (img.size[1], img.size[0])
+    except Exception as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataContentError(f"{folder_origin(cfg)}: image {path} is corrupt or not an image ({why}); "
+                               f"fix or remove it") from None
+
+
+def _check_headers(cfg, files: List[str], n_train: int, channels: Optional[int], fixed) -> int:
+    """The channel count (dataset.channels, or from the images: 1 when every training image is
+    grayscale, else 3; files[:n_train] are the training images) after the checks that need only the
+    headers: without a fixed size
+    (dataset.image_size / crop_size), every image must have the first one's. The run plan's
     signature reads the first image alone, so a mix whose first image is grayscale would load with
     another shape than it declared: that mix needs dataset.channels set explicitly."""
-    modes = [channels_of(img.mode) for img in images]
+    if channels is not None and fixed is not None:
+        return channels
+    headers = [_header(cfg, f) for f in files]
+    if fixed is None:
+        for f, (_, size) in zip(files, headers):
+            if size != headers[0][1]:
+                stack_same_size([np.empty(headers[0][1]), np.empty(size)], [files[0], f], folder_origin(cfg))
+    if channels is not None:
+        return channels
+    modes = [channels_of(mode) for mode, _ in headers[:n_train]]
     if min(modes) == max(modes):
         return modes[0]
     if modes[0] == 1:
@@ -95,13 +123,21 @@ def _auto_channels(cfg, images, files) -> int:
     return 3
 
 
-def _read_split(cfg, files: List[str], channels: Optional[int], size) -> Tuple[np.ndarray, int]:
-    """Every image of one split as float32 (N, C, H, W) in [0, 1], and the channel count used."""
-    images = [_open(cfg, f) for f in files]
-    if channels is None:
-        channels = _auto_channels(cfg, images, files)
-    arrays = [pil_to_array(img, channels, size) for img in images]
-    return stack_same_size(arrays, files, folder_origin(cfg)), channels
+def geometry(cfg) -> Geometry:
+    """How every image becomes an input: dataset.image_size, or dataset.crop_size (+ resize), or as it is."""
+    size = parse_image_size(cfg.image_size)
+    crop, resize = cfg.get("crop_size"), cfg.get("resize")
+    if crop is not None and size is not None:
+        raise ConfigError(f"dataset.image_size={cfg.image_size} and dataset.crop_size={crop}: give one (image_size "
+                          f"resizes every image; crop_size resizes the shorter side, then takes the centre crop)")
+    for key, value in (("crop_size", crop), ("resize", resize)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"dataset.{key}={value!r}: a positive number of pixels")
+    if resize is not None and crop is None:
+        raise ConfigError(f"dataset.resize={resize} sizes the image before its centre crop: set dataset.crop_size too")
+    if crop is not None and resize is not None and resize < crop:
+        raise ConfigError(f"dataset.resize={resize} is smaller than dataset.crop_size={crop}; the centre crop must fit")
+    return Geometry(size, resize, crop)
 
 
 def _val_split(cfg, root: str, classes: List[str]):
@@ -121,7 +157,7 @@ def folder_signature(cfg):
     """The input shape from the first training image alone (its size and mode, or dataset.image_size
     and dataset.channels) and the class count from the class folder names: no image is decoded.
     Anything the loader would reject gives (None, None): the loader reports it in its own words."""
-    size, channels = parse_image_size(cfg.image_size), check_channels(cfg.channels)
+    channels = check_channels(cfg.channels)
     try:
         root = _root(cfg)
         classes = _classes(cfg, os.path.join(root, "train"))
@@ -132,7 +168,7 @@ def folder_signature(cfg):
             w, h, mode = img.size[0], img.size[1], img.mode
     except Exception:
         return None, None
-    h, w = size if size is not None else (h, w)
+    h, w = geometry(cfg).fixed or (h, w)
     return (channels or channels_of(mode), h, w), len(classes)
 
 
@@ -144,22 +180,60 @@ def folder_held_out(cfg) -> str:
         return fraction_held_out(cfg)
 
 
-@register_dataset("imagefolder", signature=folder_signature, origin=folder_origin, held_out=folder_held_out)
+@register_dataset("imagefolder", signature=folder_signature, origin=folder_origin, held_out=folder_held_out,
+                  streams=True)
 def imagefolder(cfg):
-    """DIR/train/<class>/* (and DIR/val/<class>/*, else a stratified split of train) -> float32
-    (N, C, H, W) in [0, 1], labels = index of the class folder in sorted order."""
-    size, channels = parse_image_size(cfg.image_size), check_channels(cfg.channels)
+    """DIR/train/<class>/* (and DIR/val/<class>/*, else a stratified split of train) -> a Listing of
+    the files (kdexp.data.stream: read into float32 (N, C, H, W) in [0, 1] when kept in memory,
+    else by the loader's workers), labels = index of the class folder in sorted order."""
+    channels, shape = check_channels(cfg.channels), geometry(cfg)
     root = _root(cfg)
     classes = _classes(cfg, os.path.join(root, "train"))
     files_tr, y_tr = _listing(cfg, os.path.join(root, "train"), classes)
-    val = _val_split(cfg, root, classes)  # checked before the (slow) reading of the images
-    x_tr, channels = _read_split(cfg, files_tr, channels, size)
-    log.info("dataset.path=%r: %d classes %s", cfg.path, len(classes), classes)
+    val = _val_split(cfg, root, classes)
+    # one reader for train/ and val/: one size rule (the first training image's size, or the geometry's)
+    files = files_tr + (val[0] if val is not None else [])
+    channels = _check_headers(cfg, files, len(files_tr), channels, shape.fixed)
+    x = Listing(FileReader(files, channels, shape, folder_origin(cfg), lambda path: _open(cfg, path)))
+    log.info("dataset.path=%r: %d classes %s", cfg.path, len(classes), classes if len(classes) <= 20 else "")
+    x_tr = x[:len(files_tr)]
     if val is not None:
-        x_va, _ = _read_split(cfg, val[0], channels, size)
-        if x_va.shape[1:] != x_tr.shape[1:]:  # one size for all images, train and val alike
-            stack_same_size([x_tr[0], x_va[0]], [files_tr[0], val[0][0]], folder_origin(cfg))
-        return x_tr, y_tr, x_va, val[1], len(classes)
+        return x_tr, y_tr, x[len(files_tr):], val[1], len(classes)
     x_tr, x_va, y_tr, y_va = split_for_validation(x_tr, y_tr, cfg, folder_origin(cfg), "training images",
                                                   "add a val/ folder")
     return x_tr, y_tr, x_va, y_va, len(classes)
+
+
+# -- dataset=imagenet: the same reader on torchvision's ImageNet layout ------------------------------
+def imagenet_path(cfg) -> str:
+    """The ImageNet folder: dataset.path, else dataset.root/imagenet, else dataset.root itself."""
+    if cfg.get("path"):
+        return cfg.path
+    root = os.path.expanduser(cfg.root)
+    nested = os.path.join(root, "imagenet")
+    return nested if os.path.isdir(os.path.join(nested, "train")) else root
+
+
+def _imagenet_cfg(cfg):
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    node.path = imagenet_path(cfg)
+    return node
+
+
+def imagenet_origin(cfg) -> str:
+    return f"dataset=imagenet (dataset.path={imagenet_path(cfg)!r})"
+
+
+@register_dataset("imagenet", signature=lambda cfg: folder_signature(_imagenet_cfg(cfg)), origin=imagenet_origin,
+                  held_out=lambda cfg: "the val/ folder (ILSVRC-2012 validation set)", streams=True)
+def imagenet(cfg):
+    """ImageNet in torchvision's layout (what torchvision.datasets.ImageNet prepares from the official
+    archives): train/<wnid>/*.JPEG and val/<wnid>/*.JPEG, classes in sorted wnid order (torchvision's)."""
+    node = _imagenet_cfg(cfg)
+    if not os.path.isdir(os.path.join(os.path.expanduser(node.path), "val")):
+        raise DataError(f"{imagenet_origin(cfg)}: no train/ and val/ folders; put torchvision's ImageNet layout there "
+                        f"(train/<wnid>/*.JPEG, val/<wnid>/*.JPEG: torchvision.datasets.ImageNet(root, split) sorts the "
+                        f"official archives into it) or set dataset.root / dataset.path to the folder that holds it")
+    return imagefolder(node)

@@ -11,6 +11,7 @@ import numpy as np
 
 from kdexp.data.core import register_dataset
 from kdexp.data.sanity import DataContentError
+from kdexp.data.stream import ArrayReader, Listing
 from kdexp.errors import DataError
 
 # name -> (torchvision class, number of classes, where the files go under root)
@@ -142,9 +143,9 @@ def _make(name: str):
         splits = []
         for train in (True, False):
             ds = _open(cls, root, train, cfg.download, where, name)
-            x = np.asarray(ds.data, dtype=np.float32) / 255.0
+            x = np.asarray(ds.data)  # uint8 pixels, read / 255 (kdexp.data.stream.ArrayReader)
             x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # MNIST (N,H,W); CIFAR (N,H,W,C)
-            splits += [x, np.asarray(ds.targets)]
+            splits += [Listing(ArrayReader(x)), np.asarray(ds.targets)]
         return splits[0], splits[1], splits[2], splits[3], num_classes
 
     build.__doc__ = f"torchvision {cls_name} from dataset.root; official test split as val."

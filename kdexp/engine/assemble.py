@@ -13,7 +13,7 @@ from kdexp.data import Data, load_dataset
 from kdexp.engine.evaluate import teacher_metrics
 from kdexp.engine.fit import fit
 from kdexp.engine.plan import RunPlan
-from kdexp.engine.source import InMemorySource, limited, training_view, withheld_inputs
+from kdexp.engine.source import limited, source_for, training_view, withheld_inputs
 from kdexp.engine.steppers import StageStepper
 from kdexp.engine.teacher import provide_teacher
 from kdexp.engine.teacher_cache import cached_teacher, view_registrar
@@ -105,7 +105,7 @@ def pretrain(method, p: RunPlan, asm: Assembly, device) -> Dict[str, List[float]
             m.requires_grad_(True)
         log.info("%s %s: %d epochs", cfg.method.name, stage.name, stage.epochs)
         try:
-            source = limited(InMemorySource(asm.data, batch_size=stage.batch_size, min_batch=2,  # BatchNorm needs 2
+            source = limited(source_for(asm.data, batch_size=stage.batch_size, min_batch=2,  # BatchNorm needs 2
                                             seed=derive_seed(cfg.seed, f"stage/{stage.name}"),
                                             register_view=view_registrar(asm.teacher)), cfg.get("debug"))
             stepper = StageStepper(method, stage, asm.data, hint="lower method.init_optim.lr")

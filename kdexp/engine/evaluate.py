@@ -9,16 +9,19 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from kdexp.data.stream import batches_of, head
+
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> Dict[str, float]:
-    """Accuracy and mean CE of `model` on (x, y), in eval mode; restores the previous mode."""
+def evaluate(model: torch.nn.Module, x, y: torch.Tensor, batch_size: int = 1024) -> Dict[str, float]:
+    """Accuracy and mean CE of `model` on (x, y), in eval mode; restores the previous mode. x: a
+    tensor or streamed inputs (kdexp.data.stream.LazyInputs)."""
     was_training = model.training
     model.eval()
     correct, loss = 0, 0.0
-    for i in range(0, len(x), batch_size):
-        logits = model(x[i:i + batch_size])
-        yb = y[i:i + batch_size]
+    for sel, xb in batches_of(x, batch_size):  # streamed inputs: read by the loader's workers
+        logits = model(xb.to(y.device, non_blocking=True))
+        yb = y[sel]
         correct += (logits.argmax(-1) == yb).sum().item()
         loss += F.cross_entropy(logits, yb, reduction="sum").item()
     model.train(was_training)
@@ -55,8 +58,8 @@ def limit_validation(data, batches: Optional[int], batch_size: int):
     if not batches:
         return data
     n = batches * batch_size
-    return replace(data, x_val=data.x_val[:n], y_val=data.y_val[:n],
-                   x_val_target=data.x_val_target[:n] if data.x_val_target is not None else None)
+    return replace(data, x_val=head(data.x_val, n), y_val=data.y_val[:n],
+                   x_val_target=head(data.x_val_target, n) if data.x_val_target is not None else None)
 
 
 def teacher_metrics(teacher, data, batch_size: int) -> Dict[str, float]:

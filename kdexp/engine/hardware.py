@@ -23,6 +23,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from kdexp.data.stream import batches_of
 from kdexp.engine.dot import DOT
 from kdexp.engine.evaluate import evaluate
 from kdexp.errors import ConfigError
@@ -217,7 +218,7 @@ class Accelerator:
         from dataclasses import replace
 
         names = [k for k in getattr(data, "TENSORS", ("x_train", "y_train", "x_val", "y_val", "labeled"))
-                 if getattr(data, k, None) is not None]
+                 if isinstance(getattr(data, k, None), torch.Tensor)]  # streamed inputs stay on the host
         moved = {}
         for k in names:
             t = getattr(data, k)
@@ -316,12 +317,11 @@ class Accelerator:
             return evaluate(model, x, y, batch_size)
         was_training = model.training
         model.eval()
-        part = torch.arange(len(x), device=x.device).tensor_split(self.dist.world)[self.dist.rank]
-        correct = torch.zeros((), dtype=torch.float64, device=x.device)
-        loss = torch.zeros((), dtype=torch.float64, device=x.device)
-        for i in range(0, len(part), batch_size):
-            sel = part[i:i + batch_size]
-            logits = model(x[sel])
+        part = torch.arange(len(x), device=y.device).tensor_split(self.dist.world)[self.dist.rank]
+        correct = torch.zeros((), dtype=torch.float64, device=y.device)
+        loss = torch.zeros((), dtype=torch.float64, device=y.device)
+        for sel, xb in batches_of(x, batch_size, positions=part):  # streamed inputs: read by the loader's workers
+            logits = model(xb.to(y.device, non_blocking=True))
             correct += (logits.argmax(-1) == y[sel]).sum()
             loss += F.cross_entropy(logits.float(), y[sel], reduction="sum").double()
         model.train(was_training)

@@ -16,7 +16,7 @@ from kdexp.engine.plan import RunPlan, plan
 from kdexp.engine.record import Recorder, hparams_of, interruptible, interruption, run_dir_lock
 from kdexp.engine.evaluate import limit_validation, test_metrics
 from kdexp.engine.profile import profiled
-from kdexp.engine.source import InMemorySource, limited
+from kdexp.engine.source import limited, source_for
 from kdexp.engine.steppers import MethodStepper
 from kdexp.engine.teacher_cache import view_registrar
 from kdexp.errors import ConfigError, KdexpError, RunInterrupted
@@ -92,7 +92,7 @@ def train(p: RunPlan, recorder: Recorder, state: Optional[dict], dist) -> float:
         if stages:
             recorder.record["stages"] = stages
     torch.manual_seed(derive_seed(cfg.seed, "train"))  # dropout and other in-training randomness
-    source = InMemorySource(asm.data, batch_size=cfg.batch_size, seed=derive_seed(cfg.seed, "student/batches"),
+    source = source_for(asm.data, batch_size=cfg.batch_size, seed=derive_seed(cfg.seed, "student/batches"),
                             pool=p.batch_pool, dist=dist, register_view=view_registrar(asm.teacher))
     debug = cfg.get("debug")
     val_data = limit_validation(asm.data, debug and debug.get("val_batches"), cfg.eval_batch_size)

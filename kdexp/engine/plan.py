@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from kdexp import config_dir, group_options
 from kdexp.config import ModelConfig, TeacherConfig, debugging, validate, validate_teacher
-from kdexp.data import dataset_signature
+from kdexp.data import DATASETS, dataset_signature, in_memory_choice
 from kdexp.engine.loggers import check_loggers
 from kdexp.engine.teacher import EnsembleModel, FrozenTeacher
 from kdexp.errors import ConfigError
@@ -94,6 +94,7 @@ def plan(cfg, overrides=()) -> RunPlan:
     p.teachers, p.ensemble = _teacher_recipes(cfg, requires)
     p.teachers, label_warnings = _resolve_labeled_only(p)
     p.cache = _cache_policy(cfg, requires)
+    _check_placement(cfg)
     signature = dataset_signature(cfg.dataset, cfg.get("domain"))
     p.in_shape, p.num_classes = signature.in_shape, signature.num_classes
     _check_models(p)
@@ -183,6 +184,20 @@ def _cache_policy(cfg, requires: Requirements) -> CachePolicy:
     return CachePolicy(True, max_bytes=None if gb is None else int(gb * 2 ** 30))
 
 
+def _check_placement(cfg) -> None:
+    """Streamed data (kdexp.data.stream) cannot take what transforms the data in memory: a domain shift."""
+    choice = in_memory_choice(cfg.dataset)
+    domain = cfg.get("domain")
+    if choice is False and domain is not None and domain.get("transforms"):
+        raise ConfigError(f"domain={domain.get('name')}: a domain shift transforms the data in memory; "
+                          f"dataset.in_memory=false streams it: set dataset.in_memory=true (or auto)")
+    if cfg.dataset.get("augment") == "rrc_flip" and choice is True:
+        raise ConfigError("dataset.augment=rrc_flip crops every image at its own size, which streamed data does; "
+                          "set dataset.in_memory=false (or auto), or dataset.augment=crop_flip for data in memory")
+    if cfg.dataset.get("workers", 2) < 0:
+        raise ConfigError(f"dataset.workers={cfg.dataset.workers}: the number of DataLoader workers, >= 0")
+
+
 def fuse_reason(cfg, requires: Requirements, student: Optional[nn.Module] = None) -> Optional[str]:
     """Why runs of this config cannot be fused (from the config and the student's skeleton), or None."""
     name = cfg.method.name
@@ -198,6 +213,12 @@ def fuse_reason(cfg, requires: Requirements, student: Optional[nn.Module] = None
         return "dataset.val_from_train (the test split is measured by the separate run)"
     if cfg.optim.name == "dot":
         return "optim.name=dot (fused students step adam/adamw/sgd; DOT's two backward passes run separately)"
+    placement = in_memory_choice(cfg.dataset)
+    if placement is False:
+        return "dataset.in_memory=false (fused students gather their batches from tensors in memory)"
+    if placement == "auto" and DATASETS.meta(cfg.dataset.name).get("streams"):
+        return (f"dataset.in_memory=auto may stream dataset={cfg.dataset.name} (fused students gather their batches "
+                f"from tensors in memory; dataset.in_memory=true fuses them)")
     domain = cfg.get("domain")
     if domain is not None and domain.get("transforms"):
         return "a domain shift (dataset views) is set"

@@ -2,10 +2,10 @@
 
 A source has `steps` (batches per epoch), `epoch(epoch) -> (total, iterator of Step)` and
 `state_dict()` / `load_state_dict()` (what a checkpoint needs to replay the next epochs). The
-in-memory source is the one kdexp has: the training tensors stay in memory (on the device) and
-each epoch's batches are slices of a seeded permutation of the batch pool. A streaming source
-(a DataLoader over files that do not fit) plugs in beside it with the same three members; the
-loop, the steppers and the recorder do not change.
+in-memory source keeps the training tensors in memory (on the device) and each epoch's batches
+are slices of a seeded permutation of the batch pool. The streaming source (data that does not fit,
+kdexp.data.stream) draws the very same batches and reads them with a DataLoader's workers; the
+loop, the steppers and the recorder do not change. `source_for` picks one by the data.
 
 Only a source builds training Batches (`Batch.sampled`), so only it names the view a batch was
 gathered from: the teacher-output cache's key (kdexp.engine.teacher_cache).
@@ -17,6 +17,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from kdexp.data import Data
+from kdexp.data.stream import LazyInputs, Loader
 from kdexp.engine.hardware import SINGLE, DistContext
 from kdexp.methods import UNLABELED, Batch
 
@@ -60,13 +61,14 @@ class EpochViews:
     name: str  # the teacher-output cache's key: "train", or "train@aug<draw>" for an augmentation draw
 
 
-def make_batch(data: Data, idx: torch.Tensor, views: Optional[EpochViews] = None) -> Batch:
+def make_batch(data: Data, idx: torch.Tensor, views: Optional[EpochViews] = None, x: Optional[torch.Tensor] = None) -> Batch:
     """The training batch at positions `idx` of this epoch's inputs `views` (default: data.x_train
-    itself); with a transfer set (data.labeled), samples without a label get y = UNLABELED so that
-    no label-driven term can use them by accident."""
+    itself; `x`: its inputs already read, by a streaming source's loader); with a transfer set
+    (data.labeled), samples without a label get y = UNLABELED so that no label-driven term can use
+    them by accident."""
     views = views or EpochViews(data.x_train, data.x_train_target, data.view)
     y = data.y_train.index_select(0, idx)  # index_select: several times faster than x[idx] for image batches
-    x = views.x.index_select(0, idx)
+    x = views.x.index_select(0, idx) if x is None else x
     x_target = views.x_target.index_select(0, idx) if views.x_target is not None else None
     if data.labeled is None:
         return Batch.sampled(views.name, x, y, idx, x_target=x_target)
@@ -139,6 +141,41 @@ class InMemorySource:
             idx = self.dist.shard(global_idx)  # DDP: this rank's part of the global batch
             batch = make_batch(self.data, idx, views) if len(idx) else None
             yield Step(batch, len(global_idx), len(idx) / len(global_idx))
+
+
+class StreamingSource(InMemorySource):
+    """Batches of streamed data (kdexp.data.stream.LazyInputs): the in-memory source's batches, the
+    same seeded permutation, pools and DDP shards (each rank reads only its part of every global
+    batch: per-rank sharding that keeps the global batches of one process, so DDP trains as one
+    process does), read by a DataLoader whose workers decode and augment; pinned memory and
+    non-blocking copies on a GPU. Its one DataLoader keeps its workers across epochs (the epoch's
+    batches and augmentation draw travel with the keys it is handed), and its state is the
+    generator's, so a resumed run replays the same batches and views."""
+
+    def __init__(self, data: Data, **kwargs):
+        super().__init__(data, **kwargs)
+        self._loader = None
+
+    def _steps(self, batches: Sequence[torch.Tensor], views: EpochViews) -> Iterator[Step]:
+        shards = [self.dist.shard(b) for b in batches]
+        draw = getattr(views.x, "draw", None)
+        keys = [[(i, draw) for i in idx.tolist()] for idx in shards if len(idx)]
+        if self._loader is None:
+            base = self.data.x_train.drawn(self.augment, None) if self.augment is not None else self.data.x_train
+            self._loader = Loader(base, base.workers, persistent=True)
+        inputs = self._loader.read(keys)
+        device = self.data.y_train.device
+        for global_idx, idx in zip(batches, shards):
+            batch = None
+            if len(idx):
+                x = next(inputs).to(device, non_blocking=True)
+                batch = make_batch(self.data, idx, views, x=x)
+            yield Step(batch, len(global_idx), len(idx) / len(global_idx))
+
+
+def source_for(data: Data, **kwargs) -> InMemorySource:
+    """The data source of `data`: streaming for LazyInputs (kdexp.data.stream), else in memory."""
+    return (StreamingSource if isinstance(data.x_train, LazyInputs) else InMemorySource)(data, **kwargs)
 
 
 class StackedSource:

@@ -23,10 +23,11 @@ from filelock import FileLock
 from omegaconf import OmegaConf
 
 from kdexp.data import Data, load_dataset
+from kdexp.data.stream import LazyInputs, subset
 from kdexp.engine.evaluate import evaluate
 from kdexp.engine.fit import fit
 from kdexp.engine.record import epoch_summary, student_weights
-from kdexp.engine.source import InMemorySource, limited
+from kdexp.engine.source import limited, source_for
 from kdexp.engine.stopping import Threshold
 from kdexp.engine.steppers import MethodStepper
 from kdexp.errors import ConfigError
@@ -82,10 +83,20 @@ class EnsembleModel(nn.Module):
 def data_fingerprint(data: Data) -> str:
     """Cheap content hash of the training set (a strided sample of x, all of y)."""
     h = hashlib.sha256()
+    if isinstance(data.x_train, LazyInputs):  # streamed: its files (names, sizes, times) and transforms
+        h.update(data.x_train.fingerprint().encode())
+        h.update(data.y_train.cpu().numpy().tobytes())
+        return h.hexdigest()
     stride = max(1, len(data.x_train) // 2048)
     for t in (data.x_train[::stride], data.y_train, torch.tensor(data.x_train.shape)):
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+# dataset keys that say how the data is read, not what it is: not part of the teacher's key
+LOADING_KEYS = ("in_memory", "memory_budget_gb", "workers")
+# dataset keys that change the data, left out of the key at these defaults (keys made before they existed stay valid)
+STREAM_DEFAULTS = {"mean": None, "std": None, "augment_scale": [0.08, 1.0], "crop_size": None, "resize": None}
 
 
 def teacher_key(tcfg, dataset_cfg, data: Data) -> str:
@@ -103,7 +114,10 @@ def teacher_key(tcfg, dataset_cfg, data: Data) -> str:
     # label_fraction is left out: the teacher is trained on every label whatever the student keeps
     # (unless teacher.labeled_only). teacher.classes enters through dataset_cfg (see _provide_one).
     ds = {k: v for k, v in OmegaConf.to_container(dataset_cfg, resolve=True).items()
-          if k not in ("root", "download", "augment_views") and (k != "label_fraction" or t.get("labeled_only"))}
+          if k not in ("root", "download", "augment_views") + LOADING_KEYS and (k != "label_fraction" or t.get("labeled_only"))}
+    for k, default in STREAM_DEFAULTS.items():  # keys of runs that leave them at their defaults stay as they were
+        if ds.get(k, default) == default:
+            ds.pop(k, None)
     if ds.get("augment", "none") == "none":  # keys of runs without augmentation stay as they were
         for k in ("augment", "augment_pad"):
             ds.pop(k, None)
@@ -116,7 +130,7 @@ def _train(tcfg, data: Data, eval_batch_size: int, progress: bool, debug=None) -
     """Train a teacher on labels (ce) with its own recipe -> (model in eval mode, its history: one
     dict of train/* and val/* metrics per epoch, logged as it goes)."""
     torch.manual_seed(derive_seed(tcfg.seed, "teacher/init"))
-    model = get_model(tcfg.arch, data.in_shape, data.num_classes, **tcfg.args).to(data.x_train.device)
+    model = get_model(tcfg.arch, data.in_shape, data.num_classes, **tcfg.args).to(data.y_train.device)
     ce = get_method("ce")(OmegaConf.create({"w_ce": 1.0, "alpha": 0.0, "temperature": 1.0}), model)
     stop = tcfg.get("stop_at_acc")
     reached = Threshold("val/acc", stop, "max", "teacher.stop_at_acc") if stop is not None else None
@@ -134,12 +148,12 @@ def _train(tcfg, data: Data, eval_batch_size: int, progress: bool, debug=None) -
     # from the student, as in Hinton et al.'s 3 % experiment)
     train_data = replace(data, labeled=None)
     if tcfg.get("labeled_only") and data.labeled is not None:  # data distillation's teacher
-        train_data = replace(data, x_train=data.x_train[data.labeled], y_train=data.y_train[data.labeled],
+        train_data = replace(data, x_train=subset(data.x_train, data.labeled), y_train=data.y_train[data.labeled],
                              labeled=None)
     if data.augment is not None:  # fresh draws every epoch (augment_views is the student's setting)
         train_data = replace(train_data, augment=replace(data.augment, views=0))
-    source = limited(InMemorySource(train_data, batch_size=tcfg.batch_size,
-                                    seed=derive_seed(tcfg.seed, "teacher/batches")), debug)
+    source = limited(source_for(train_data, batch_size=tcfg.batch_size, seed=derive_seed(tcfg.seed, "teacher/batches")),
+                     debug)
     history = fit(MethodStepper(ce, train_data, eval_batch_size, desc="teacher"), source, optim_cfg=tcfg.optim,
                   epochs=tcfg.epochs, on_epoch=on_epoch, progress=progress, desc="teacher")
     return model.eval(), [{"epoch": epoch, **{k: v for k, v in metrics.items() if k.startswith(("train/", "val/"))}}
@@ -314,7 +328,7 @@ def _provide_ensemble(cfg, data: Data, member_cfgs) -> Tuple[FrozenTeacher, dict
         model, info = _provide_one(tcfg, cfg, data)
         models.append(model)
         infos.append({"arch": tcfg.arch, **info})
-    ensemble = EnsembleModel(models).to(data.x_train.device)
+    ensemble = EnsembleModel(models).to(data.y_train.device)
     acc = evaluate(ensemble, data.x_val, data.y_val, cfg.eval_batch_size)["acc"]
     sources = sorted({i["source"] for i in infos})
     key = hashlib.sha256(json.dumps([i["key"] for i in infos]).encode()).hexdigest()[:20]
@@ -325,7 +339,7 @@ def _provide_ensemble(cfg, data: Data, member_cfgs) -> Tuple[FrozenTeacher, dict
 
 def _provide_one(tcfg, cfg, data: Data) -> Tuple[torch.nn.Module, dict]:
     """One teacher model (eval mode, on the data's device) and its info."""
-    device = data.x_train.device
+    device = data.y_train.device
     dataset_cfg = cfg.dataset
     if tcfg.get("classes"):  # pretrained on another class subset (layer transfer)
         dataset_cfg = OmegaConf.merge(cfg.dataset, {"classes": list(tcfg.classes)})

@@ -27,6 +27,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from kdexp.data.stream import LazyInputs, batches_of
 from kdexp.methods import Batch
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,13 @@ class TeacherCache:
     @property
     def in_shape(self):
         return self.teacher.in_shape
+
+    def _home(self, x) -> torch.device:
+        """Where the outputs of view x are kept: its own device, or for streamed inputs (read on the
+        host) the teacher's."""
+        if not isinstance(x, LazyInputs):
+            return x.device
+        return next(self.teacher.model.parameters(), torch.empty(0)).device
 
     def add_view(self, name: str, x: torch.Tensor) -> "TeacherCache":
         """Register the inputs of a deterministic view: sample i of the view is x[i]. Re-registering
@@ -137,7 +145,7 @@ class TeacherCache:
         if self.max_bytes is None:
             return True
         x = self._views[view]
-        _, probe = self.teacher.features(Batch(x[:1], torch.zeros(1, dtype=torch.long), torch.zeros(1)), names)
+        _, probe = self.teacher.features(Batch(x[:1].to(self._home(x)), torch.zeros(1, dtype=torch.long), torch.zeros(1)), names)
         need = sum(len(x) * v[0].numel() * v.element_size() for v in probe.values())
         have = sum(t.numel() * t.element_size() for t in self._features.values())
         if have + need > self.max_bytes:
@@ -153,10 +161,10 @@ class TeacherCache:
         x = self._views[view]
         n = len(x)
         logits, feats = [], {name: [] for name in names}
-        for i in range(0, n, self.chunk_size):
-            xb = x[i:i + self.chunk_size]
-            idx = torch.arange(i, i + len(xb), device=x.device)
-            batch = Batch(xb, torch.zeros(len(xb), dtype=torch.long, device=x.device), idx)
+        device = self._home(x)
+        for idx, xb in batches_of(x, self.chunk_size):  # streamed views: read by the loader's workers
+            xb, idx = xb.to(device, non_blocking=True), idx.to(device)
+            batch = Batch(xb, torch.zeros(len(xb), dtype=torch.long, device=device), idx)
             if names:
                 out, f = self.teacher.features(batch, list(names))
                 for name in names:
