@@ -299,14 +299,18 @@ def load_dataset(cfg, domain=None, cache_dir: Optional[str] = None) -> Data:
                 x_test=x_te, y_test=y_te, x_test_target=x_te_t, splits=splits)
 
 
-def in_memory_choice(cfg):
-    """dataset.in_memory as True, False or "auto" (a string true/false from a YAML or an override
-    too), or one line naming the valid values."""
-    choice = cfg.get("in_memory", "auto")
-    choice = {"true": True, "false": False}.get(choice, choice) if isinstance(choice, str) else choice
+def auto_bool(value, key: str):
+    """A key that is auto, true or false as True, False or "auto" (the strings true/false from a YAML
+    or an override too), or one line naming the key and the valid values."""
+    choice = {"true": True, "false": False}.get(value, value) if isinstance(value, str) else value
     if choice is not True and choice is not False and choice != "auto":
-        raise ConfigError(f"dataset.in_memory={cfg.get('in_memory')!r}: one of auto, true, false")
+        raise ConfigError(f"{key}={value!r}: one of auto, true, false")
     return choice
+
+
+def in_memory_choice(cfg):
+    """dataset.in_memory: True, False or "auto"."""
+    return auto_bool(cfg.get("in_memory", "auto"), "dataset.in_memory")
 
 
 def in_memory(cfg, *parts) -> Tuple[bool, str]:

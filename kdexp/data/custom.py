@@ -90,6 +90,11 @@ def _as_array(x, where: str, i: int) -> np.ndarray:
     return a.astype(np.float32)
 
 
+def _as_sample(x, where: str, i: int) -> np.ndarray:
+    """One input laid out as read_all lays out the stacked inputs (as_images)."""
+    return as_images(_as_array(x, where, i)[None])[0]
+
+
 def _as_label(y, where: str, i: int) -> int:
     """One label as an int class id: a Python/numpy int or a one-element tensor/array."""
     a = np.asarray(y.detach().cpu().numpy() if hasattr(y, "detach") else y)
@@ -132,7 +137,7 @@ def _read(cfg, dataset, where: str):
     its `targets` (torchvision's convention) or a pass over the items' labels."""
     from kdexp.data.core import in_memory
 
-    listing = Listing(DatasetReader(dataset, where, _as_array))
+    listing = Listing(DatasetReader(dataset, where, _as_sample))
     if in_memory(cfg, listing)[0]:
         return read_all(dataset, where)
     targets = getattr(dataset, "targets", None)

@@ -181,7 +181,7 @@ class DatasetReader:
     """Inputs of a user's map-style Dataset, item i = (x, y), converted as dataset=custom reads them."""
 
     def __init__(self, dataset, where: str, convert: Callable):
-        self.dataset, self.where, self.convert = dataset, where, convert  # convert(x, where, i) -> float32 array
+        self.dataset, self.where, self.convert = dataset, where, convert  # convert(x, where, i) -> float32 (C, H, W) | (D,)
         self._shape = None
 
     def __len__(self) -> int:
@@ -194,9 +194,7 @@ class DatasetReader:
         return self._shape
 
     def image(self, i: int) -> torch.Tensor:
-        from kdexp.data.core import as_images
-
-        a = as_images(self.convert(self.dataset[i][0], self.where, i)[None])[0]
+        a = self.convert(self.dataset[i][0], self.where, i)
         if self._shape is not None and tuple(a.shape) != self._shape:
             raise DataContentError(f"{self.where}: item {i} has input shape {a.shape}, item 0 {self._shape}; every "
                                     f"input needs one shape (resize them in the dataset, e.g. a transform)")

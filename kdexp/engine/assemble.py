@@ -50,7 +50,10 @@ def assemble(plans: Sequence[RunPlan], accel) -> Assembly:
     asm.data = training_view(data, p0.train_view)
     if p0.train_inputs == "generated":  # data-free: the teacher above trained on the data, the method never sees it
         asm.data = withheld_inputs(asm.data)
-    asm.teacher, asm.cache_info = cached_teacher(asm.frozen, p0.cache, asm.data)
+    debug = cfg.get("debug")
+    throwaway = debug is not None and debug.get("train_batches") is not None  # its teacher: never stored
+    asm.teacher, asm.cache_info = cached_teacher(asm.frozen, p0.cache, asm.data, asm.teacher_info["key"],
+                                                 None if throwaway else cfg.paths.cache_dir)
     for p in plans:
         torch.manual_seed(derive_seed(p.cfg.seed, "student/init"))  # independent of the teacher's source
         student = get_model(p.cfg.student.arch, data.in_shape, data.num_classes, **p.cfg.student.args)

@@ -21,7 +21,9 @@ from omegaconf.errors import OmegaConfBaseException
 from kdexp import config_dir, group_options
 from kdexp.config import ModelConfig, TeacherConfig, debugging, validate, validate_teacher
 from kdexp.data import DATASETS, dataset_signature, in_memory_choice
+from kdexp.data.core import auto_bool
 from kdexp.engine.loggers import check_loggers
+from kdexp.engine.output_store import check_topk
 from kdexp.engine.teacher import EnsembleModel, FrozenTeacher
 from kdexp.errors import ConfigError
 from kdexp.methods import METHODS, Requirements, get_method
@@ -38,9 +40,14 @@ class CachePolicy:
     enabled: bool
     reason: str = ""  # why not, when disabled
     max_bytes: Optional[int] = None  # budget for cached features (teacher.cache_max_gb)
+    # the logits on disk (kdexp.engine.output_store): True | False | "auto" (when the data streams)
+    disk: object = "auto"
+    topk: Optional[int] = None  # teacher.cache_topk: the k largest logits per sample on disk
 
     def describe(self) -> dict:
-        return {"enabled": True} if self.enabled else {"enabled": False, "reason": self.reason}
+        if not self.enabled:
+            return {"enabled": False, "reason": self.reason}
+        return {"enabled": True, "disk": self.disk, "topk": self.topk}
 
 
 @dataclass
@@ -98,6 +105,8 @@ def plan(cfg, overrides=()) -> RunPlan:
     signature = dataset_signature(cfg.dataset, cfg.get("domain"))
     p.in_shape, p.num_classes = signature.in_shape, signature.num_classes
     _check_models(p)
+    if p.num_classes is not None:
+        check_topk(p.cache.topk, p.num_classes)
     student = _dry_build(p) if p.in_shape is not None and p.num_classes is not None else None
     p.fuse_reason = fuse_reason(cfg, requires, student)
     p.warnings = _warnings(cfg, method_cls, overrides) + label_warnings
@@ -181,7 +190,13 @@ def _cache_policy(cfg, requires: Requirements) -> CachePolicy:
         return CachePolicy(False, f"method={cfg.method.name} needs the teacher online (its requirements: "
                                   f"cacheable=False)")
     gb = cfg.teacher.get("cache_max_gb", None)
-    return CachePolicy(True, max_bytes=None if gb is None else int(gb * 2 ** 30))
+    disk = auto_bool(cfg.teacher.get("cache_disk", "auto"), "teacher.cache_disk")
+    topk = cfg.teacher.get("cache_topk")
+    if topk is not None and disk is False:
+        raise ConfigError(f"teacher.cache_topk={topk} keeps the top-k logits in the on-disk cache, which "
+                          f"teacher.cache_disk=false turns off: set teacher.cache_disk=auto (or true)")
+    return CachePolicy(True, max_bytes=None if gb is None else int(gb * 2 ** 30), disk=True if topk else disk,
+                       topk=topk)
 
 
 def _check_placement(cfg) -> None:

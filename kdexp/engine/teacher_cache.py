@@ -21,13 +21,19 @@ a memory budget (`teacher.cache_max_gb`); names beyond it run online.
 Methods that need more than outputs of batch.x (the gradient w.r.t. the input, e.g.
 `jacobian`) declare `cacheable=False` in their requirements and get the plain teacher
 (`cached_teacher` follows the run plan's cache policy)."""
+import hashlib
+import json
 import logging
+import os
 import time
-from typing import Dict, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
+from kdexp.data.augment import AugmentedView
 from kdexp.data.stream import LazyInputs, batches_of
+from kdexp.engine.output_store import OutputStore
 from kdexp.methods import Batch
 
 log = logging.getLogger(__name__)
@@ -35,13 +41,27 @@ log = logging.getLogger(__name__)
 CHUNK = 128  # chunks of 128 were faster than 1024 for the one-off pass on these CPUs (notes/performance.md)
 
 
+@dataclass(frozen=True)
+class DiskOutputs:
+    """Where and how the logits go to disk (kdexp.engine.output_store): under `root`, keyed by the
+    teacher's key and each view's fingerprint (`output_key`); `topk`: teacher.cache_topk."""
+    root: str
+    teacher_key: str
+    num_classes: int
+    topk: Optional[int] = None
+
+
 class TeacherCache:
-    def __init__(self, teacher, chunk_size: int = CHUNK, max_bytes: Optional[int] = None):
+    def __init__(self, teacher, chunk_size: int = CHUNK, max_bytes: Optional[int] = None,
+                 disk: Optional[DiskOutputs] = None):
         self.teacher = teacher
         self.chunk_size = int(chunk_size)
         self.max_bytes = max_bytes  # budget for cached features (logits always fit: N x classes)
+        self.disk = disk  # None: the logits stay in memory
         self._views: Dict[str, torch.Tensor] = {}
         self._logits: Dict[str, torch.Tensor] = {}
+        self._stores: Dict[str, OutputStore] = {}  # view -> its logits on disk (with self.disk)
+        self.disk_hits = 0  # samples whose logits were read from disk
         self._features: Dict[Tuple[str, str], torch.Tensor] = {}
         self._soft: Dict[Tuple[str, float], Tuple[torch.Tensor, torch.Tensor]] = {}
         self._online_names = set()  # feature names over the budget: always computed online
@@ -76,6 +96,7 @@ class TeacherCache:
 
     def _drop(self, view: str) -> None:
         self._logits.pop(view, None)
+        self._stores.pop(view, None)
         for key in [k for k in self._features if k[0] == view]:
             del self._features[key]
         for key in [k for k in self._soft if k[0] == view]:
@@ -91,10 +112,18 @@ class TeacherCache:
         if view is None:
             self.online_calls += 1
             return self.teacher.logits(batch)
-        if view not in self._logits:
+        if view not in self._logits and view not in self._stores:
             self._fill(view, ())
         self.hits += 1
-        return self._logits[view].index_select(0, batch.idx)
+        return self._table(view, batch.idx)
+
+    def _table(self, view: str, idx: torch.Tensor) -> torch.Tensor:
+        """The cached logits of samples idx of view: read from its store on disk, or gathered in memory."""
+        store = self._stores.get(view)
+        if store is not None:
+            self.disk_hits += len(idx)
+            return store.logits(idx)
+        return self._logits[view].index_select(0, idx)
 
     @torch.no_grad()
     def features(self, batch: Batch, names: Sequence[str]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -112,7 +141,7 @@ class TeacherCache:
             self._fill(view, missing)
         self.hits += 1
         idx = batch.idx
-        return self._logits[view].index_select(0, idx), {n: self._features[(view, n)].index_select(0, idx) for n in names}
+        return self._table(view, idx), {n: self._features[(view, n)].index_select(0, idx) for n in names}
 
     @torch.no_grad()
     def soft_targets(self, batch: Batch, temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -127,6 +156,10 @@ class TeacherCache:
         if view is None:
             t = self.logits(batch)
             return _soft(t, temperature)
+        if view not in self._logits and view not in self._stores:
+            self._fill(view, ())
+        if view in self._stores:  # on disk: softened per batch (a table per T would be N x C in memory)
+            return _soft(self.logits(batch), temperature)
         key = (view, float(temperature))
         if key not in self._soft:
             if view not in self._logits:
@@ -155,23 +188,37 @@ class TeacherCache:
             return False
         return True
 
-    def _fill(self, view: str, names: Sequence[str]) -> None:
-        """One pass of the teacher over all samples of `view` in chunks: logits (and `names`)."""
-        t0, c0 = time.perf_counter(), time.process_time()
-        x = self._views[view]
-        n = len(x)
-        logits, feats = [], {name: [] for name in names}
+    def _pass(self, x, names: Sequence[str]) -> Iterator[Tuple[int, torch.Tensor, Dict[str, torch.Tensor]]]:
+        """The teacher over every sample of x in chunks: (first position, logits, {name: feature})."""
         device = self._home(x)
         for idx, xb in batches_of(x, self.chunk_size):  # streamed views: read by the loader's workers
             xb, idx = xb.to(device, non_blocking=True), idx.to(device)
             batch = Batch(xb, torch.zeros(len(xb), dtype=torch.long, device=device), idx)
             if names:
                 out, f = self.teacher.features(batch, list(names))
-                for name in names:
-                    feats[name].append(f[name])
+                yield int(idx[0]), out, f
             else:
-                out = self.teacher.logits(batch)
+                yield int(idx[0]), self.teacher.logits(batch), {}
+
+    def _fill(self, view: str, names: Sequence[str]) -> None:
+        """One pass of the teacher over all samples of `view` in chunks: logits (and `names`); with
+        self.disk and no features, the logits go to (or come from) the view's store on disk."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        x = self._views[view]
+        n = len(x)
+        if not names and self.disk is not None:
+            d = self.disk
+            key = output_key(d.teacher_key, x)
+            self._stores[view] = OutputStore.provide(
+                d.root, key, n, d.num_classes, lambda: ((i, out) for i, out, _ in self._pass(x, ())), topk=d.topk,
+                describe={"teacher": d.teacher_key, "view": view})
+            self._add_time(time.perf_counter() - t0, time.process_time() - c0)
+            return
+        logits, feats = [], {name: [] for name in names}
+        for _, out, f in self._pass(x, names):
             logits.append(out)
+            for name in names:
+                feats[name].append(f[name])
         table = torch.cat(logits)
         if view not in self._logits:
             self._logits[view] = table
@@ -199,9 +246,16 @@ class TeacherCache:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def summary(self) -> dict:
-        return {"enabled": True, "views": sorted(self._views), "fill_s": round(self.fill_s, 4),
-                "MB": round(self.nbytes() / 2 ** 20, 3), "hits": self.hits, "online_calls": self.online_calls,
-                "online_features": sorted(self._online_names)}
+        out = {"enabled": True, "views": sorted(self._views), "fill_s": round(self.fill_s, 4),
+               "MB": round(self.nbytes() / 2 ** 20, 3), "hits": self.hits, "online_calls": self.online_calls,
+               "online_features": sorted(self._online_names)}
+        if self.disk is not None:  # which views were read from disk, which this run computed
+            out["disk"] = {"root": self.disk.root, "topk": self.disk.topk, "samples_read": self.disk_hits,
+                           "views": {v: {"path": st.path, "computed": st.computed, "samples": len(st),
+                                         "MB": round(st.nbytes() / 2 ** 20, 3)} for v, st in sorted(self._stores.items())},
+                           "computed": sum(st.computed for st in self._stores.values()),
+                           "opened": sum(not st.computed for st in self._stores.values())}
+        return out
 
 
 def _soft(logits: torch.Tensor, temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -210,17 +264,55 @@ def _soft(logits: torch.Tensor, temperature: float) -> Tuple[torch.Tensor, torch
     return p, (p * log_p).sum(-1)
 
 
-def cached_teacher(teacher, policy, data):
+def cached_teacher(teacher, policy, data, key: Optional[str] = None, cache_dir: Optional[str] = None):
     """The teacher handle a method gets under the plan's cache policy (kdexp.engine.plan.CachePolicy):
     the cached wrapper serving view `data.view` (data.x_train), or `teacher` itself (online) -> (handle,
-    info for metrics.json)."""
+    info for metrics.json). The logits go to disk under `cache_dir` (paths.cache_dir; None: never,
+    e.g. for a debug run's throw-away teacher) keyed by the teacher's `key` when the policy says so:
+    teacher.cache_disk=true, or auto and the data streams."""
     if teacher is None:
         return None, policy.describe()
     if not policy.enabled:
         log.info("teacher outputs are computed online (%s)", policy.reason)
         return teacher, policy.describe()
-    cache = TeacherCache(teacher, max_bytes=policy.max_bytes).add_view(data.view, data.x_train)
+    disk = None
+    if policy.disk is True or (policy.disk == "auto" and isinstance(data.x_train, LazyInputs)):
+        if cache_dir is None or key is None:
+            log.info("teacher outputs are cached in memory only (no on-disk cache for this teacher)")
+        else:
+            disk = DiskOutputs(os.path.join(os.path.expanduser(cache_dir), "teacher_outputs"), _stamped(key),
+                               data.num_classes, policy.topk)
+    cache = TeacherCache(teacher, max_bytes=policy.max_bytes, disk=disk).add_view(data.view, data.x_train)
     return cache, policy.describe()
+
+
+def _stamped(key: str) -> str:
+    """A teacher's key for its stored outputs: a checkpoint's (its path) with the file's size and
+    time, so that a replaced file never serves the outputs of the old one."""
+    if os.path.isfile(key):
+        st = os.stat(key)
+        return f"{key}/{st.st_size}/{st.st_mtime_ns}"
+    return key
+
+
+def output_key(teacher_key: str, x) -> str:
+    """The on-disk key of the outputs of teacher `teacher_key` on view x: its key and x's content
+    (view_fingerprint), and whether autocast is on (bf16/fp16 outputs are not float32's)."""
+    blob = json.dumps([teacher_key, view_fingerprint(x), torch.is_autocast_enabled()])
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def view_fingerprint(x) -> str:
+    """What determines the inputs of a view: streamed inputs' fingerprint (files, transforms, draw),
+    an augmentation draw's images and parameters, or a tensor's bytes."""
+    if isinstance(x, LazyInputs):
+        return x.fingerprint()
+    h = hashlib.sha256()
+    if isinstance(x, AugmentedView):
+        h.update(x.params.cpu().numpy().tobytes() + str(x.pad).encode())
+        x = x.x
+    h.update(x.detach().cpu().contiguous().numpy().tobytes() + str(tuple(x.shape)).encode())
+    return h.hexdigest()[:24]
 
 
 def view_registrar(teacher):

@@ -1,0 +1,178 @@
+"""Streamed data (kdexp.data.stream, dataset.in_memory): the same samples, batches and views as in
+memory, read by DataLoader workers; the teacher's logits on disk (kdexp.engine.output_store)."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from kdexp.data import load_dataset
+from kdexp.data.augment import Augment
+from kdexp.data.stream import LazyInputs, batches_of, rrc_box
+from kdexp.errors import ConfigError, DataContentError
+from kdexp.train import run
+
+FAST = ["epochs=2", "teacher.epochs=3", "progress=false"]
+
+
+def metrics(run_dir) -> dict:
+    return json.loads((Path(run_dir) / "metrics.json").read_text())
+
+
+def png_digits(root: Path, per_class: int = 40, val_per_class: int = 10) -> Path:
+    """scikit-learn's digits as PNG files in ImageFolder layout: train/<digit>/*.png, val/<digit>/*.png."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for split, lo, hi in (("train", 0, per_class), ("val", per_class, per_class + val_per_class)):
+        for c in range(10):
+            folder = root / split / str(c)
+            folder.mkdir(parents=True, exist_ok=True)
+            for j, i in enumerate(np.flatnonzero(d.target == c)[lo:hi]):
+                Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8), "L").save(folder / f"{j:03d}.png")
+    return root
+
+
+def folder_cfg(path, **kw):
+    base = {"name": "imagefolder", "root": str(path), "path": str(path), "classes": None, "val_fraction": 0.2,
+            "split_seed": 0, "normalize": True, "download": False, "label_fraction": 1.0, "augment": "none",
+            "augment_pad": 4, "augment_views": 0, "val_from_train": None, "in_memory": "auto", "memory_budget_gb": 8.0,
+            "workers": 0, "mean": None, "std": None, "augment_scale": [0.08, 1.0], "channels": None,
+            "image_size": None, "crop_size": None, "resize": None}
+    return OmegaConf.create({**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def digits_folder(tmp_path_factory):
+    return png_digits(tmp_path_factory.mktemp("pngs"))
+
+
+# -- the data ------------------------------------------------------------------------------------
+def test_streamed_inputs_are_the_in_memory_tensors(digits_folder):
+    mem = load_dataset(folder_cfg(digits_folder, in_memory=True))
+    lazy = load_dataset(folder_cfg(digits_folder, in_memory=False, workers=2))
+    assert isinstance(lazy.x_train, LazyInputs) and isinstance(mem.x_train, torch.Tensor)
+    assert lazy.x_train.shape == mem.x_train.shape and lazy.in_shape == mem.in_shape == (1, 8, 8)
+    assert torch.equal(lazy.y_train, mem.y_train) and torch.equal(lazy.y_val, mem.y_val)
+    idx = torch.tensor([5, 0, 399, 17])
+    assert torch.equal(lazy.x_train[idx], mem.x_train[idx])  # normalized with the same statistics (all <= 2048)
+    assert torch.equal(lazy.x_train[3:9], mem.x_train[3:9])
+    read = torch.cat([xb for _, xb in batches_of(lazy.x_val, 32)])  # by the workers, in order
+    assert torch.equal(read, mem.x_val)
+
+
+def test_auto_streams_above_the_memory_budget(digits_folder):
+    assert isinstance(load_dataset(folder_cfg(digits_folder)).x_train, torch.Tensor)
+    tiny = load_dataset(folder_cfg(digits_folder, memory_budget_gb=1e-6))  # 500 x 64 floats > 1 KB
+    assert isinstance(tiny.x_train, LazyInputs)
+
+
+def test_a_streamed_crop_flip_draw_is_the_in_memory_view(digits_folder):
+    mem = load_dataset(folder_cfg(digits_folder, in_memory=True, augment="crop_flip", augment_pad=2))
+    lazy = load_dataset(folder_cfg(digits_folder, in_memory=False, augment="crop_flip", augment_pad=2))
+    aug = Augment("crop_flip", 2, 0, seed=7)
+    idx = torch.tensor([3, 1, 250])
+    for draw in (0, 5):
+        assert torch.equal(aug.view(lazy.x_train, draw).index_select(0, idx), aug.view(mem.x_train, draw).index_select(0, idx))
+
+
+def test_rrc_boxes_are_replayable_and_inside_the_image():
+    boxes = [rrc_box(torch.Generator().manual_seed(s), 37, 53) for s in range(200)]
+    assert boxes == [rrc_box(torch.Generator().manual_seed(s), 37, 53) for s in range(200)]
+    for top, left, h, w in boxes:
+        assert 0 <= top and top + h <= 37 and 0 <= left and left + w <= 53 and h > 0 and w > 0
+    areas = [h * w / (37 * 53) for _, _, h, w in boxes]
+    assert min(areas) < 0.3 and max(areas) > 0.7  # the scale range (0.08, 1) is used
+
+
+def test_rrc_flip_views_depend_on_seed_draw_and_sample_only(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        for j, size in enumerate([(40, 30), (25, 50), (33, 33)]):  # images of several sizes
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8), "RGB").save(tmp_path / "train" / c / f"{j}.png")
+    cfg = folder_cfg(tmp_path, in_memory=False, augment="rrc_flip", crop_size=16, val_fraction=0.34)
+    data = load_dataset(cfg)
+    assert data.in_shape == (3, 16, 16)
+    aug = Augment("rrc_flip", 0, 0, seed=3)
+    a = aug.view(data.x_train, 1)[0:len(data.x_train)]
+    assert a.shape == (len(data.x_train), 3, 16, 16)
+    assert torch.equal(a, aug.view(data.x_train, 1)[0:len(data.x_train)])  # replayed exactly
+    assert not torch.equal(a, aug.view(data.x_train, 2)[0:len(data.x_train)])  # another draw, other views
+    with pytest.raises(ConfigError, match="rrc_flip"):
+        load_dataset(folder_cfg(tmp_path, in_memory=True, augment="rrc_flip", crop_size=16, val_fraction=0.34))
+
+
+def test_a_corrupt_image_met_by_a_worker_is_one_line(tmp_path, digits_folder):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(digits_folder, root)
+    bad = root / "val" / "3" / "005.png"  # train/ is read for the statistics at load time; val/ first by a worker
+    bad.write_bytes(bad.read_bytes()[:60])  # the header reads, the pixels do not
+    data = load_dataset(folder_cfg(root, in_memory=False, workers=2))
+    with pytest.raises(DataContentError) as e:
+        list(batches_of(data.x_val, 64))
+    assert "005.png" in str(e.value) and "corrupt" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (["dataset.in_memory=maybe"], "dataset.in_memory='maybe': one of auto, true, false"),
+    (["dataset.in_memory=false", "domain=vflip"], "set dataset.in_memory=true"),
+    (["dataset.in_memory=true", "dataset.augment=rrc_flip"], "set dataset.in_memory=false"),
+    (["teacher.cache_topk=10"], "teacher.cache_topk=10 is out of range: 1..9"),
+    (["teacher.cache_topk=3", "teacher.cache_disk=false"], "teacher.cache_disk=false turns off"),
+    (["teacher.cache_disk=sometimes"], "teacher.cache_disk='sometimes': one of auto, true, false"),
+])
+def test_placement_mistakes_fail_in_the_plan(compose_cfg, overrides, words):
+    from kdexp.engine.plan import plan
+
+    with pytest.raises(ConfigError) as e:
+        plan(compose_cfg(*overrides))
+    assert words in str(e.value)
+
+
+def test_streamed_runs_do_not_fuse(compose_cfg):
+    from kdexp.engine.plan import plan
+
+    assert plan(compose_cfg("dataset.in_memory=true")).fuse_reason is None
+    assert "dataset.in_memory=false" in plan(compose_cfg("dataset.in_memory=false")).fuse_reason
+
+
+# -- training --------------------------------------------------------------------------------------
+def test_streamed_digits_train_as_in_memory(compose_cfg, tmp_path):
+    """The same batches, views and teacher: the streamed run gives the in-memory run's numbers."""
+    a = run(compose_cfg(*FAST, "dataset.in_memory=true"), str(tmp_path / "mem"))
+    b = run(compose_cfg(*FAST, "dataset.in_memory=false", "dataset.workers=2"), str(tmp_path / "stream"))
+    ma, mb = metrics(tmp_path / "mem"), metrics(tmp_path / "stream")
+    assert a == b
+    for key in ("train/loss", "val/loss"):
+        assert ma["final"][key] == pytest.approx(mb["final"][key], rel=1e-6)
+    assert mb["teacher_cache"]["disk"]["computed"] == 1  # the streamed run keeps the logits on disk
+    assert "disk" not in ma["teacher_cache"]
+
+
+def test_png_digits_train_kd_in_memory_and_streamed_and_reuse_the_disk_cache(compose_cfg, tmp_path, digits_folder):
+    args = [*FAST, "dataset=imagefolder", f"dataset.path={digits_folder}", "epochs=6", "teacher.epochs=8"]
+    run(compose_cfg(*args, "dataset.in_memory=true"), str(tmp_path / "mem"))
+    run(compose_cfg(*args, "dataset.in_memory=false", "dataset.workers=2"), str(tmp_path / "s1"))
+    run(compose_cfg(*args, "dataset.in_memory=false", "dataset.workers=2", "method.temperature=2"), str(tmp_path / "s2"))
+    mem, s1, s2 = (metrics(tmp_path / n) for n in ("mem", "s1", "s2"))
+    assert s1["final"]["val/acc"] > 0.7 and abs(s1["final"]["val/acc"] - mem["final"]["val/acc"]) < 0.05
+    d1, d2 = s1["teacher_cache"]["disk"], s2["teacher_cache"]["disk"]
+    assert d1["computed"] == 1 and d1["opened"] == 0
+    assert d2["computed"] == 0 and d2["opened"] == 1 and d2["samples_read"] == 6 * 400  # every step from disk
+    assert d1["views"]["train"]["path"] == d2["views"]["train"]["path"]
+
+
+def test_topk_outputs_on_disk_train(compose_cfg, tmp_path):
+    run(compose_cfg(*FAST, "dataset.in_memory=false", "teacher.cache_topk=3"), str(tmp_path / "k"))
+    m = metrics(tmp_path / "k")
+    assert m["status"] == "done" and m["teacher_cache"]["disk"]["topk"] == 3
+    assert m["final"]["val/acc"] > 0.5
