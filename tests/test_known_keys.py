@@ -62,7 +62,8 @@ def test_target_keys_point_to_arch(compose_cfg, override):
     assert f"kdexp builds models by arch, not by Hydra's _target_: {group}.arch=NAME (registered: " in msg
     assert f"or an import path {group}.arch=package.module:Callable, with its keyword arguments under {group}.args" in msg
     assert "resnet20" in msg and msg.endswith("Valid: " + ("arch, args" if group == "student" else
-                                                         "arch, args, batch_size, cache, cache_max_gb, checkpoint, "
+                                                         "arch, args, batch_size, cache, cache_disk, cache_max_gb, cache_topk, "
+                                                         "checkpoint, "
                                                          "classes, epochs, labeled_only, optim, seed, stop_at_acc"))
 
 

@@ -316,10 +316,12 @@ def in_memory_choice(cfg):
 def in_memory(cfg, *parts) -> Tuple[bool, str]:
     """Whether the splits (arrays or kdexp.data.stream Listings; None: absent) are read into memory,
     and why in words: dataset.in_memory true | false, or auto (their float32 size within
-    dataset.memory_budget_gb)."""
+    dataset.memory_budget_gb; streamed for dataset.augment=rrc_flip)."""
     choice = in_memory_choice(cfg)
     if choice != "auto":
         return choice, f"dataset.in_memory={str(choice).lower()}"
+    if cfg.get("augment") == "rrc_flip":
+        return False, "dataset.in_memory=auto with dataset.augment=rrc_flip, which crops every image at its own size"
     need = sum(nbytes_of(p) for p in parts if p is not None) / 2 ** 30
     budget = cfg.get("memory_budget_gb", 8.0)
     keep = need <= budget

@@ -18,11 +18,13 @@ so a streamed run sees exactly the views of an in-memory one; rrc_flip (RandomRe
 the ImageNet recipe) draws each sample's box from a generator seeded by (seed, draw, i). Workers
 therefore need no state from the main process but the (position, draw) keys they are handed, and a
 resumed run reads the same views. The teacher-output cache registers a draw (`drawn`) as a view."""
+import copy
 import hashlib
 import logging
 import math
 import os
 import sys
+import weakref
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -389,7 +391,8 @@ class _Samples(torch.utils.data.Dataset):
     """What a worker reads: item (i, draw) is sample i of `x` under `draw` (None: x's own view)."""
 
     def __init__(self, x: LazyInputs):
-        self.x = x
+        self.x = copy.copy(x)
+        self.x._loader = None  # no cycle back to the loader: freed by reference counting, its workers stop at once
 
     def __len__(self) -> int:
         return len(self.x)
@@ -403,32 +406,62 @@ def _one_thread(_worker_id: int) -> None:
     torch.set_num_threads(1)  # the workers decode; the main process's threads compute
 
 
+class _Batches:
+    """The batch sampler of a Loader: the batches of keys of the current pass."""
+
+    def __init__(self):
+        self.batches: List[list] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+_OPEN: "weakref.WeakSet[Loader]" = weakref.WeakSet()
+
+
 class Loader:
     """A DataLoader over LazyInputs that reads the batches it is handed, in order: each batch a
-    list of (position, draw) keys. It is its own batch sampler, so one DataLoader (and with
-    `persistent`, one set of workers) serves every pass. Pinned memory when a GPU is present."""
+    list of (position, draw) keys. Its batch sampler holds the current pass's batches, so one
+    DataLoader (and with `persistent`, one set of workers) serves every pass. Pinned memory when
+    a GPU is present. `close` stops the workers (close_loaders: every open one, at a run's end)."""
 
     def __init__(self, x: LazyInputs, workers: int, persistent: bool = True):
-        self._batches: List[list] = []
+        self._sampler = _Batches()
         self.dl = torch.utils.data.DataLoader(
-            _Samples(x), batch_sampler=self, num_workers=workers, pin_memory=torch.cuda.is_available(),
+            _Samples(x), batch_sampler=self._sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
             persistent_workers=persistent and workers > 0, worker_init_fn=_one_thread if workers else None,
             prefetch_factor=4 if workers else None,
             generator=torch.Generator())  # its own: each pass draws a worker seed, never from torch's global stream
-
-    def __iter__(self):
-        return iter(self._batches)
-
-    def __len__(self) -> int:
-        return len(self._batches)
+        _OPEN.add(self)
 
     def read(self, batches: Sequence[list]) -> Iterator[torch.Tensor]:
         """The stacked samples of each batch of keys, in order."""
-        self._batches = list(batches)
+        self._sampler.batches = list(batches)
         try:
             yield from self.dl
         except KdexpError as e:  # raised in a worker: torch re-raises it with the worker's traceback as text
+            self.close()
             raise type(e)(_last_line(e)) from None
+        except BaseException:  # a failed or interrupted pass: the workers stop now, not at garbage collection
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop the workers now: left to garbage collection, torch waits up to 5 s for each."""
+        it = getattr(self.dl, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self.dl._iterator = None
+
+
+def close_loaders() -> None:
+    """Stop the workers of every open Loader (the end of a run: its data and sources go with it)."""
+    for loader in list(_OPEN):
+        loader.close()
+    _OPEN.clear()
 
 
 def _last_line(e: BaseException) -> str:

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from kdexp.config import apply_group_schemas
+from kdexp.data.stream import close_loaders
 from kdexp.engine.assemble import assemble, pretrain
 from kdexp.engine.fit import fit
 from kdexp.engine.hardware import Accelerator, init_distributed, select_device, shutdown_distributed
@@ -43,6 +44,7 @@ def run(cfg, run_dir: str, overrides=()) -> float:
             raise
         raise interruption(e, run_dir, overrides) from None
     finally:
+        close_loaders()  # streamed data: the DataLoader workers end with the run
         shutdown_distributed(dist)
 
 
