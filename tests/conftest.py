@@ -69,3 +69,42 @@ def fit_method(method, data, *, optim_cfg, epochs, batch_size, seed, pool="all",
 
     source = InMemorySource(data, batch_size=batch_size, seed=seed, pool=pool)
     return fit(MethodStepper(method, data), source, optim_cfg=optim_cfg, epochs=epochs, **kw)
+
+
+def torchrun_kdexp(cwd, *args, timeout=600):
+    """`torchrun --standalone --nproc_per_node=2 -m kdexp.train hardware=ddp *args` (gloo on the CPU,
+    one torch thread per rank); asserts that it succeeded -> the completed process."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdexp.train",
+           "hardware=ddp", *args]
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    return out
+
+
+def sigkill_after_epochs(cmd, cwd, run_dir, epochs: int, after: float = 0.0, timeout: float = 240) -> dict:
+    """Start `cmd`, SIGKILL it once <run_dir>/metrics.json records `epochs` epochs (and `after`
+    seconds more: into the next epoch) -> the metrics.json the killed run left."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    path = os.path.join(str(run_dir), "metrics.json")
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with open(path) as f:
+                if len(json.load(f)["history"]) >= epochs:
+                    break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    time.sleep(after)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with open(path) as f:
+        return json.load(f)

@@ -16,7 +16,8 @@ def test_bench_quick_reports_all_ratios(tmp_path):
                          capture_output=True, text=True, timeout=1800)
     assert out.returncode in (0, 1), out.stderr[-3000:]  # 1: a timing ratio missed its target
     results = {r["key"]: r for r in json.loads((tmp_path / "bench.json").read_text())["results"]}
-    assert {"a", "a'", "b", "c", "d"} <= set(results)
+    assert {"a", "a'", "b", "c", "d", "f", "g"} <= set(results)
+    assert results["f"]["target"] == "reported, no target" and "target <= 1.15" in out.stdout  # the streaming figures
     for key, r in results.items():
         assert f"({key})" in out.stdout and ("PASS" if r["pass"] else "FAIL") in out.stdout
     assert results["c"]["value"] == 1 and results["c"]["pass"]  # one teacher training for 8 runs

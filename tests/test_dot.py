@@ -19,6 +19,7 @@ from kdexp.engine.record import Recorder
 from kdexp.errors import ConfigError
 from kdexp.methods import OptimConfig
 from kdexp.train import run
+from tests.conftest import torchrun_kdexp
 
 FAST = ["epochs=2", "teacher.epochs=2", "progress=false", "hardware=cpu"]
 
@@ -332,11 +333,7 @@ def test_ddp_on_two_gloo_processes_matches_one_process(compose_cfg, tmp_path):
     common = ["epochs=2", "teacher.epochs=2", "progress=false", f"paths.cache_dir={tmp_path / 'cache'}",
               "method=ctkd", "optim.name=dot", "optim.lr=0.05", "optim.weight_decay=5e-4"]
     single = run(compose_cfg(*common, "hardware=cpu"), str(tmp_path / "one"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdexp.train",
-           "hardware=ddp", *common, f"hydra.run.dir={tmp_path / 'ddp'}"]
-    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    torchrun_kdexp(tmp_path, *common, f"hydra.run.dir={tmp_path / 'ddp'}")
     a, b = read(tmp_path / "one" / "metrics.json"), read(tmp_path / "ddp" / "metrics.json")
     assert b["final"]["val/acc"] == pytest.approx(single, abs=1e-9)
     for k, v in a["final"].items():

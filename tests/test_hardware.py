@@ -1,8 +1,5 @@
 """The hardware group: threads per process, CPU guards of the CUDA options, DDP on gloo."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,6 +8,7 @@ from kdexp.engine import hardware
 from kdexp.engine.hardware import Accelerator, DistContext, parallel_share
 from kdexp.errors import ConfigError
 from kdexp.train import run
+from tests.conftest import torchrun_kdexp
 
 
 @pytest.fixture
@@ -94,11 +92,7 @@ def test_ddp_on_two_gloo_processes_matches_one_process(compose_cfg, tmp_path):
     batch of 64; the result equals one process on the same batches."""
     common = ["epochs=2", "teacher.epochs=2", "progress=false", f"paths.cache_dir={tmp_path / 'cache'}"]
     single = run(compose_cfg(*common, "hardware=cpu"), str(tmp_path / "one"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdexp.train",
-           "hardware=ddp", *common, f"hydra.run.dir={tmp_path / 'ddp'}"]
-    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    torchrun_kdexp(tmp_path, *common, f"hydra.run.dir={tmp_path / 'ddp'}")
     a, b = read(tmp_path / "one" / "metrics.json"), read(tmp_path / "ddp" / "metrics.json")
     assert b["status"] == "done" and b["hardware"]["processes"] == 2 and a["hardware"]["processes"] == 1
     assert b["final"]["val/acc"] == pytest.approx(single, abs=1e-9)

@@ -2,11 +2,8 @@
 optuna/grid presets, reports."""
 import errno
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +13,7 @@ import torch
 from kdexp.errors import ConfigError, KdexpError
 from kdexp.models import get_model
 from kdexp.train import describe, run
-from tests.conftest import FAST, ROOT
+from tests.conftest import FAST, ROOT, sigkill_after_epochs
 
 TRAIN = [sys.executable, "-m", "kdexp.train"]
 
@@ -37,19 +34,7 @@ def test_sigkill_mid_training_then_resume_gives_identical_metrics(tmp_path):
                           text=True, timeout=300)
     assert full.returncode == 0, full.stderr[-2000:]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*TRAIN, *args, f"hydra.run.dir={killed}"], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        try:
-            if len(metrics(killed)["history"]) >= 3:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    interrupted = metrics(killed)
+    interrupted = sigkill_after_epochs([*TRAIN, *args, f"hydra.run.dir={killed}"], tmp_path, killed, 3)
     assert interrupted["status"] == "running" and 3 <= len(interrupted["history"]) < 40, "not killed mid-training"
     resumed = subprocess.run([*TRAIN, *args, f"hydra.run.dir={killed}"], cwd=tmp_path, capture_output=True,
                              text=True, timeout=300)

@@ -1,7 +1,6 @@
 """Streamed data (kdexp.data.stream, dataset.in_memory): the same samples, batches and views as in
 memory, read by DataLoader workers; the teacher's logits on disk (kdexp.engine.output_store)."""
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from kdexp.data.augment import Augment
 from kdexp.data.stream import LazyInputs, batches_of, rrc_box
 from kdexp.errors import ConfigError, DataContentError
 from kdexp.train import run
+from tests.conftest import sigkill_after_epochs, torchrun_kdexp
 
 FAST = ["epochs=2", "teacher.epochs=3", "progress=false"]
 
@@ -233,16 +233,9 @@ def test_the_imagenet_preset_runs_its_steps_on_a_generated_folder(compose_cfg, t
 
 @pytest.mark.slow  # torchrun subprocesses end to end
 def test_the_imagenet_preset_under_two_gloo_processes(tmp_path, imagenet_files):
-    import subprocess
-    import sys
-
     root, weights = imagenet_files
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdexp.train",
-           "hardware=ddp", *imagenet_args(root, weights, crop=64), f"paths.cache_dir={tmp_path / 'cache'}",
-           f"hydra.run.dir={tmp_path / 'ddp'}"]
-    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    torchrun_kdexp(tmp_path, *imagenet_args(root, weights, crop=64), f"paths.cache_dir={tmp_path / 'cache'}",
+                   f"hydra.run.dir={tmp_path / 'ddp'}")
     m = metrics(tmp_path / "ddp")
     assert m["status"] == "done" and m["hardware"]["processes"] == 2 and len(m["history"]) == 1
 
@@ -250,17 +243,10 @@ def test_the_imagenet_preset_under_two_gloo_processes(tmp_path, imagenet_files):
 @pytest.mark.slow  # torchrun subprocesses end to end
 def test_streamed_ddp_ranks_read_distinct_shards_and_match_one_process(compose_cfg, tmp_path):
     """Each rank reads its half of every global batch: only two distinct halves give one process's numbers."""
-    import subprocess
-    import sys
-
     common = ["epochs=2", "teacher.epochs=2", "progress=false", "dataset.in_memory=false",
               f"paths.cache_dir={tmp_path / 'cache'}"]
     single = run(compose_cfg(*common, "hardware=cpu"), str(tmp_path / "one"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdexp.train",
-           "hardware=ddp", *common, f"hydra.run.dir={tmp_path / 'ddp'}"]
-    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    torchrun_kdexp(tmp_path, *common, f"hydra.run.dir={tmp_path / 'ddp'}")
     a, b = metrics(tmp_path / "one"), metrics(tmp_path / "ddp")
     assert b["hardware"]["processes"] == 2 and b["final"]["val/acc"] == pytest.approx(single, abs=1e-9)
     for k, v in a["final"].items():
@@ -269,10 +255,8 @@ def test_streamed_ddp_ranks_read_distinct_shards_and_match_one_process(compose_c
 
 @pytest.mark.slow  # subprocesses end to end
 def test_a_streamed_run_killed_mid_epoch_resumes_to_the_same_metrics(tmp_path, digits_folder):
-    import signal
     import subprocess
     import sys
-    import time
 
     train = [sys.executable, "-m", "kdexp.train"]
     args = ["dataset=imagefolder", f"dataset.path={digits_folder}", "dataset.in_memory=false", "dataset.workers=2",
@@ -282,20 +266,8 @@ def test_a_streamed_run_killed_mid_epoch_resumes_to_the_same_metrics(tmp_path, d
                           text=True, timeout=600)
     assert full.returncode == 0, full.stderr[-2000:]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*train, *args, f"hydra.run.dir={killed}"], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            if len(metrics(killed)["history"]) >= 3:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.005)
-    time.sleep(0.15)  # into the next epoch: 50 steps of 8 streamed samples take longer than this
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    interrupted = metrics(killed)
+    # killed 0.15 s into the 4th epoch: its 50 steps of 8 streamed samples take longer than that
+    interrupted = sigkill_after_epochs([*train, *args, f"hydra.run.dir={killed}"], tmp_path, killed, 3, after=0.15)
     assert interrupted["status"] == "running" and 3 <= len(interrupted["history"]) < 12, "not killed mid-training"
     resumed = subprocess.run([*train, *args, f"hydra.run.dir={killed}"], cwd=tmp_path, capture_output=True,
                              text=True, timeout=600)

@@ -225,6 +225,7 @@ class Listing:
     def __init__(self, reader, index: Optional[np.ndarray] = None):
         self.reader = reader
         self.index = np.arange(len(reader)) if index is None else np.asarray(index)
+        self._fingerprint = None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -244,7 +245,10 @@ class Listing:
         return self.reader.read_many(self.index)
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(self.reader.fingerprint() + self.index.astype(np.int64).tobytes()).hexdigest()[:20]
+        """A hash of what the samples are (the reader's files or array, and the positions), once per listing."""
+        if self._fingerprint is None:  # a million files' stat calls: not once per use
+            self._fingerprint = hashlib.sha256(self.reader.fingerprint() + self.index.astype(np.int64).tobytes()).hexdigest()[:20]
+        return self._fingerprint
 
 
 def nbytes_of(x) -> int:
