@@ -221,6 +221,18 @@ def test_custom_pil_dataset_split_stratified_and_classes_from_labels(user_module
     assert bool((d.x_train[:, 2] == 1.0).all())
 
 
+def test_a_custom_dataset_streams_the_samples_it_reads_in_memory(user_module, tmp_path):
+    from kdexp.data.stream import LazyInputs, batches_of
+
+    kw = dict(val_fraction=0.25, split_seed=3)
+    mem = load_dataset(custom_cfg({"_target_": "userdata.Pictures"}, in_memory=True, **kw), cache_dir=str(tmp_path))
+    lazy = load_dataset(custom_cfg({"_target_": "userdata.Pictures"}, in_memory=False, workers=2, **kw),
+                        cache_dir=str(tmp_path))
+    assert isinstance(lazy.x_train, LazyInputs) and lazy.x_train.shape == mem.x_train.shape
+    assert torch.equal(lazy.y_train, mem.y_train) and lazy.num_classes == mem.num_classes == 4
+    assert torch.equal(torch.cat([x for _, x in batches_of(lazy.x_train, 5)]), mem.x_train)  # same split, statistics
+
+
 @pytest.mark.parametrize("train,error,words", [
     ({"_target_": None}, ConfigError, "needs dataset.train._target_=pkg.module.MyDataset"),
     ({"_target_": "Tensors"}, ConfigError, "name a Dataset class by import path"),

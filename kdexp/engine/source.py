@@ -107,7 +107,7 @@ class InMemorySource:
     def indices(self) -> List[torch.Tensor]:
         """One epoch's `steps` global index batches (advances the generator)."""
         data, size = self.data, self.batch_size
-        device = data.x_train.device
+        device = data.y_train.device  # (streamed inputs stay on the host; their batches are read there)
         if data.labeled is None or self.pool == "all":
             perm = torch.randperm(len(data.x_train), generator=self.gen).to(device)
             return [perm[i * size:(i + 1) * size] for i in range(self.steps)]

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdexp.data.stream import LazyInputs, batches_of
 from kdexp.errors import ConfigError
 from kdexp.losses import l2_loss, l2sp_loss
 from kdexp.methods.base import Batch, Method, MethodConfig, Requirements, register_method, UNLABELED
@@ -338,10 +339,10 @@ class Multitask(Method):
         self.eval()
         correct = {n: 0 for n in self.heads}
         count = {n: 0 for n in self.heads}
-        for i in range(0, len(x), 1024):
-            _, aux = self._forward(x[i:i + 1024])
+        for sel, xb in batches_of(x, 1024):  # streamed inputs: read by the loader's workers, on the host
+            _, aux = self._forward(xb.to(data.y_val.device))
             for name, out in aux.items():
-                y = self._aux_labels(name, data.y_val[i:i + 1024])
+                y = self._aux_labels(name, data.y_val[sel])
                 keep = y != UNLABELED
                 correct[name] += (out.argmax(-1)[keep] == y[keep]).sum().item()
                 count[name] += keep.sum().item()
@@ -399,6 +400,9 @@ class DataDistill(Method):
     def prepare(self, data, device):
         from kdexp.data.domain import apply_transforms
 
+        if isinstance(data.x_train, LazyInputs):
+            raise ConfigError("method=data_distill transforms the whole unlabeled set in memory, and this data streams "
+                              "(dataset.in_memory): set dataset.in_memory=true")
         unl = (~data.labeled).nonzero().squeeze(1)
         x = data.x_train[unl]
         lo, hi = float(data.x_train.min()), float(data.x_train.max())
