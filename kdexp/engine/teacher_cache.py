@@ -60,7 +60,8 @@ class TeacherCache:
         self.disk = disk  # None: the logits stay in memory
         self._views: Dict[str, torch.Tensor] = {}
         self._logits: Dict[str, torch.Tensor] = {}
-        self._stores: Dict[str, OutputStore] = {}  # view -> its logits on disk (with self.disk)
+        self._stores: Dict[str, OutputStore] = {}  # view -> its logits on disk, gathered per batch (with self.disk)
+        self._loaded: Dict[str, OutputStore] = {}  # view -> its store on disk, read whole into memory (fits the budget)
         self.disk_hits = 0  # samples whose logits were read from disk
         self._features: Dict[Tuple[str, str], torch.Tensor] = {}
         self._soft: Dict[Tuple[str, float], Tuple[torch.Tensor, torch.Tensor]] = {}
@@ -97,6 +98,7 @@ class TeacherCache:
     def _drop(self, view: str) -> None:
         self._logits.pop(view, None)
         self._stores.pop(view, None)
+        self._loaded.pop(view, None)
         for key in [k for k in self._features if k[0] == view]:
             del self._features[key]
         for key in [k for k in self._soft if k[0] == view]:
@@ -209,9 +211,16 @@ class TeacherCache:
         if not names and self.disk is not None:
             d = self.disk
             key = output_key(d.teacher_key, x)
-            self._stores[view] = OutputStore.provide(
+            store = self._stores[view] = OutputStore.provide(
                 d.root, key, n, d.num_classes, lambda: ((i, out) for i, out, _ in self._pass(x, ())), topk=d.topk,
                 describe={"teacher": d.teacher_key, "view": view})
+            if self.max_bytes is None or n * d.num_classes * 4 <= self.max_bytes:
+                # within teacher.cache_max_gb: read whole into memory, served as an in-memory view is (KD's
+                # softened table per T included); above it, every batch is gathered from the memory map
+                self._logits[view] = store.logits(torch.arange(n), self._home(x))
+                self.disk_hits += n
+                del self._stores[view]
+                self._loaded[view] = store
             self._add_time(time.perf_counter() - t0, time.process_time() - c0)
             return
         logits, feats = [], {name: [] for name in names}
@@ -250,11 +259,13 @@ class TeacherCache:
                "MB": round(self.nbytes() / 2 ** 20, 3), "hits": self.hits, "online_calls": self.online_calls,
                "online_features": sorted(self._online_names)}
         if self.disk is not None:  # which views were read from disk, which this run computed
+            stores = {**{v: (st, "memory") for v, st in self._loaded.items()},
+                      **{v: (st, "memory map") for v, st in self._stores.items()}}
             out["disk"] = {"root": self.disk.root, "topk": self.disk.topk, "samples_read": self.disk_hits,
-                           "views": {v: {"path": st.path, "computed": st.computed, "samples": len(st),
-                                         "MB": round(st.nbytes() / 2 ** 20, 3)} for v, st in sorted(self._stores.items())},
-                           "computed": sum(st.computed for st in self._stores.values()),
-                           "opened": sum(not st.computed for st in self._stores.values())}
+                           "views": {v: {"path": st.path, "computed": st.computed, "samples": len(st), "served_from": how,
+                                         "MB": round(st.nbytes() / 2 ** 20, 3)} for v, (st, how) in sorted(stores.items())},
+                           "computed": sum(st.computed for st, _ in stores.values()),
+                           "opened": sum(not st.computed for st, _ in stores.values())}
         return out
 
 
