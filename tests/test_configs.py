@@ -13,7 +13,7 @@ from kdexp.models import get_model
 from kdexp.engine.hardware import select_device
 from tests.conftest import GROUPS, group_options
 
-OFFLINE_DATASETS = {"mnist", "fashion_mnist", "cifar10", "cifar100"}  # need files under dataset.root
+OFFLINE_DATASETS = {"mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet"}  # need files under dataset.root
 
 
 def test_groups_exist_with_their_options():

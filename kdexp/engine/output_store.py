@@ -17,6 +17,8 @@ With top-k, the logits served are z_hat[c] = z[c] for the sample's k largest, fi
 fill = log(mean of exp(z_c) over the other C - k classes). softmax(z_hat) then equals softmax(z)
 on the top k classes exactly and spreads the remaining probability mass evenly over the others:
 FKD's top-k soft labels (Shen & Xing, ECCV 2022). The top-k raw logits themselves are exact.
+That exactness is at temperature 1: a method that softens the served logits by T != 1 softens the
+one fill value too, so its targets approximate softmax(z / T) on every class.
 
 Writes go to a temporary directory beside the final one, renamed when complete, under a file lock:
 concurrent jobs compute once, the others wait and open it."""
@@ -34,7 +36,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from kdexp.errors import ConfigError, DataContentError
+from kdexp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 VERSION = 1
@@ -86,10 +88,10 @@ class OutputStore:
             if os.path.isfile(os.path.join(path, "meta.json")):
                 with open(os.path.join(path, "meta.json")) as f:
                     meta = json.load(f)
-                have = {k: meta.get(k) for k in want}
-                if have != want:
-                    raise DataContentError(f"teacher outputs at {path} were stored for {have}, this run needs {want}; "
-                                           f"delete the folder to compute them again")
+                differ = [f"{k}={meta.get(k)} on disk, {v} requested" for k, v in want.items() if meta.get(k) != v]
+                if differ:
+                    raise ConfigError(f"teacher outputs at {path} do not match this run ({'; '.join(differ)}); "
+                                      f"delete the folder to compute them again")
                 store = cls(path, meta, computed=False)
                 log.info("teacher outputs of %d samples read from %s (%.1f MB on disk)", n, path, store.nbytes() / 2 ** 20)
                 return store
@@ -114,6 +116,8 @@ class OutputStore:
         """(B, C) float32 logits of the samples at positions idx, on `device` (default idx.device)."""
         device = idx.device if device is None else device
         pos = idx.cpu().numpy()
+        if len(pos) and (pos.min() < 0 or pos.max() >= self.n):  # numpy would wrap -1 round to the last sample
+            raise IndexError(f"positions {pos.min()}..{pos.max()} outside the {self.n} stored samples of {self.path}")
         order = np.argsort(pos, kind="stable")  # sequential reads of the memory map
         back = np.empty_like(order)
         back[order] = np.arange(len(order))
@@ -137,15 +141,15 @@ def _write(root: str, key: str, path: str, meta: dict, compute) -> None:
         done = 0
         for start, chunk in compute():
             chunk = chunk.detach().float().cpu()
-            if start != done or chunk.shape[-1] != c:
-                raise RuntimeError(f"teacher output chunk at {start} of shape {tuple(chunk.shape)}: expected samples "
-                                   f"from {done} with {c} classes")
+            if start != done or chunk.shape[-1] != c or start + len(chunk) > n:
+                raise ValueError(f"teacher output chunk at {start} of shape {tuple(chunk.shape)}: expected samples "
+                                 f"from {done} (of {n}) with {c} classes")
             parts = dict(zip(("values", "indices", "fill"), topk_logits(chunk, k))) if k else {"logits": chunk}
             for name, part in parts.items():
                 maps[name][start:start + len(chunk)] = part.numpy()
             done += len(chunk)
         if done != n:
-            raise RuntimeError(f"teacher outputs: {done} samples computed, {n} expected")
+            raise ValueError(f"teacher outputs: {done} samples computed, {n} expected")
         for m in maps.values():
             m.flush()
         del maps
