@@ -171,7 +171,7 @@ def test_every_dataset_option_has_a_signature(option, compose_cfg):
     sig = dataset_signature(cfg.dataset, cfg.domain)
     if option in ("digits", "fake"):
         assert sig == loaded(cfg.dataset, cfg.domain)
-    elif option in ("npz", "imagefolder", "custom"):  # no dataset.path / train._target_ given
+    elif option in ("npz", "imagefolder", "imagenet", "custom"):  # no dataset.path / train._target_ / ImageNet folder
         assert sig == Signature(None, None)
     else:
         assert sig == TORCHVISION[option]
