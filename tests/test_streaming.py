@@ -224,8 +224,11 @@ def imagenet_args(root, weights, crop=None):
 @pytest.mark.slow  # ResNet-34 -> ResNet-18 at 224x224 on the CPU: ~15 s
 def test_the_imagenet_preset_runs_its_steps_on_a_generated_folder(compose_cfg, tmp_path, imagenet_files):
     root, weights = imagenet_files
-    cfg = compose_cfg(*imagenet_args(root, weights))  # hardware=auto: the CPU here (bf16 AMP is for a GPU)
+    preset = compose_cfg(*imagenet_args(root, weights))
+    assert (preset.hardware.device, preset.hardware.amp, preset.hardware.channels_last) == ("auto", "bf16", True)
+    cfg = compose_cfg(*imagenet_args(root, weights), "hardware=cpu")  # replaces the preset's GPU options whole
     assert cfg.optim.lr == 0.1 and cfg.optim.milestones == [30, 60, 90] and cfg.dataset.crop_size == 224
+    assert cfg.hardware.amp == "none"
     run(cfg, str(tmp_path / "run"))
     m = metrics(tmp_path / "run")
     assert m["status"] == "done" and len(m["history"]) == 1
