@@ -158,7 +158,7 @@ def _num_classes(dataset):
 @register_dataset("custom", signature=lambda cfg: (None, None), origin=custom_origin, streams=True,
                   held_out=lambda cfg: "dataset.val" if (cfg.get("val") or {}).get("_target_") else fraction_held_out(cfg))
 def custom(cfg):
-    """dataset.train (and dataset.val, else a stratified split) instantiated and read into memory."""
+    """dataset.train (and dataset.val, else a stratified split) instantiated, read into memory or streamed (dataset.in_memory)."""
     where = custom_origin(cfg)
     train = instantiate(cfg.get("train"), "dataset.train")
     num_classes = _num_classes(train)

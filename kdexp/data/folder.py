@@ -183,9 +183,10 @@ def folder_held_out(cfg) -> str:
 @register_dataset("imagefolder", signature=folder_signature, origin=folder_origin, held_out=folder_held_out,
                   streams=True)
 def imagefolder(cfg):
-    """DIR/train/<class>/* (and DIR/val/<class>/*, else a stratified split of train) -> a Listing of
-    the files (kdexp.data.stream: read into float32 (N, C, H, W) in [0, 1] when kept in memory,
-    else by the loader's workers), labels = index of the class folder in sorted order."""
+    """Your images: DIR/train/<class>/* (and DIR/val/<class>/*, else a stratified split of train), in memory or streamed (dataset.in_memory); labels = index of the class folder in sorted order.
+
+    Returns Listings of the files (kdexp.data.stream): read into float32 (N, C, H, W) in [0, 1]
+    when kept in memory, else by the loader's workers."""
     channels, shape = check_channels(cfg.channels), geometry(cfg)
     root = _root(cfg)
     classes = _classes(cfg, os.path.join(root, "train"))

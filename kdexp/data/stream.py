@@ -380,9 +380,9 @@ class LazyInputs:
         return self._loader
 
 
-def _positions(key, n: int) -> List[int]:
+def _positions(key, n: int) -> Sequence[int]:
     if isinstance(key, slice):
-        return list(range(n))[key]
+        return range(n)[key]
     if isinstance(key, int):
         raise TypeError("index LazyInputs with a slice or an index tensor (x[i:i+1], not x[i])")
     a = key.cpu().numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
