@@ -108,3 +108,13 @@ def sigkill_after_epochs(cmd, cwd, run_dir, epochs: int, after: float = 0.0, tim
     proc.wait()
     with open(path) as f:
         return json.load(f)
+
+
+@pytest.fixture(autouse=True)
+def _stop_dataloader_workers():
+    """After each test, stop the workers of streamed data's loaders it left open (a run closes its
+    own): left to garbage collection in a later test, torch waits 5 s for each worker."""
+    yield
+    from kdexp.data.stream import close_loaders
+
+    close_loaders()
