@@ -164,8 +164,6 @@ class TeacherCache:
             return _soft(self.logits(batch), temperature)
         key = (view, float(temperature))
         if key not in self._soft:
-            if view not in self._logits:
-                self._fill(view, ())
             t0, c0 = time.perf_counter(), time.process_time()
             self._soft[key] = _soft(self._logits[view], temperature)
             self._add_time(time.perf_counter() - t0, time.process_time() - c0)
