@@ -189,7 +189,8 @@ def virtual_teacher_logits(y: torch.Tensor, num_classes: int, correct_prob: floa
         raise ValueError("the virtual teacher needs at least 2 classes")
     out = torch.full((len(y), num_classes), math.log((1.0 - correct_prob) / (num_classes - 1)), dtype=dtype,
                      device=y.device)
-    return out.scatter_(1, y.unsqueeze(1), math.log(correct_prob))
+    # out of place: under vmap (a fused sweep) y is batched and `out` is not
+    return out.scatter(1, y.unsqueeze(1), math.log(correct_prob))
 
 
 def tfkd_reg_loss(student_logits: torch.Tensor, y: torch.Tensor, correct_prob: float,
@@ -220,7 +221,7 @@ def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target
     (log of a masked softmax, -1000 * mask) gives inf/NaN in float32 at T=1 with logits
     around +-100. With 2 classes the non-target distribution has a single class and NCKD is
     identically 0 (a warning is issued)."""
-    b, c = student_logits.shape
+    c = student_logits.shape[-1]
     if c == 2:
         warnings.warn("DKD with 2 classes: the non-target distribution has a single class, so NCKD "
                       "(the beta term) is always 0 and DKD reduces to TCKD + CE", stacklevel=2)
@@ -230,8 +231,7 @@ def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target
         log_p = soften(logits, temperature)
         log_target = log_p.gather(1, target.unsqueeze(1))
         log_rest = log_p.masked_fill(gt, float("-inf")).logsumexp(-1, keepdim=True)
-        non_target = logits[~gt].view(b, c - 1)
-        return torch.cat([log_target, log_rest], 1), soften(non_target, temperature)
+        return torch.cat([log_target, log_rest], 1), soften(_non_target_logits(logits, target), temperature)
 
     binary_s, nt_s = parts(student_logits)
     binary_t, nt_t = parts(teacher_logits)
@@ -859,10 +859,11 @@ def curriculum_temperature(theta: torch.Tensor, lambd: float, t_min: float = 1.0
 
 
 def _non_target_logits(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The (B, C - 1) logits of every class but each sample's target, in class order."""
-    b, c = logits.shape
-    keep = ~F.one_hot(target, c).bool()
-    return logits[keep].view(b, c - 1)
+    """The (B, C - 1) logits of every class but each sample's target, in class order. A gather
+    (class j of the result is class j, or j + 1 from the target on), not a boolean mask: its
+    shape is static, so it runs under vmap (a fused sweep) with per-student targets."""
+    others = torch.arange(logits.shape[-1] - 1, device=logits.device)
+    return logits.gather(-1, others + (others >= target.unsqueeze(-1)))
 
 
 def _warn_two_classes(method: str, term: str) -> None:
@@ -878,8 +879,12 @@ def kept_fraction(scores: torch.Tensor, percentile: float) -> torch.Tensor:
     averaged, so it scales the whole term by this fraction (about percentile / 100) rather than
     selecting samples. No gradient flows through it."""
     scores = scores.detach()
-    threshold = torch.quantile(scores, percentile / 100.0)
-    return (scores <= threshold).to(scores.dtype).mean()
+    # torch.quantile's linear interpolation written out: sort has a vmap batching rule, quantile none
+    ordered = scores.sort().values
+    pos = (scores.shape[-1] - 1) * percentile / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    threshold = ordered[..., lo] + (ordered[..., hi] - ordered[..., lo]) * (pos - lo)
+    return (scores <= threshold.unsqueeze(-1)).to(scores.dtype).mean(-1)
 
 
 def prediction_correlation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,

@@ -16,9 +16,12 @@ throughput does not depend on the values), batch 128, Adam, hardware=cpu, 1 torc
   (c) teacher trainings in an 8-run sweep (kd x 4 T x 2 alpha, empty teacher cache)     == 1
   (d) fused sweep of the same 8 runs (the trainer of hydra/sweeper=fused) / the 8 runs
       one after the other (whole runs: data, teacher from the cache, training, eval,
-      logging, checkpoints)                                                             <= 0.5
+      logging, checkpoints)                                                             <= 0.15
+  (d') the same for 8 dkd runs (its own terms under vmap, kdexp.engine.fused)            <= 0.5
   (e) kdexp KD throughput / torchdistill 1.1 KD (DistillationBox, teacher online, its KDLoss)
       on the same models, data, batch size and optimizer                                >= 15
+  (e') the same against torchdistill with its own teacher-output cache (CacheableDataset: one
+      file per sample, written in the first epoch and loaded by the loader after)        >= 2
   (f) streamed CE epoch / in-memory CE epoch on the same data (dataset.in_memory=false, the
       DataLoader's workers reading every sample: the loader's overhead)                 reported
   (g) streamed KD epoch, teacher logits from the on-disk cache / streamed CE epoch     <= 1.15
@@ -85,17 +88,33 @@ def parse_args():
     return p.parse_args()
 
 
-def torchdistill_kd_epochs(data, teacher, student, epochs: int, clock, T: float = 4.0, alpha: float = 0.9):
-    """torchdistill 1.1's DistillationBox with its KDLoss (online teacher), the loop of its examples.
+def torchdistill_cache():
+    """torchdistill's teacher-output cache (its CacheableDataset), or None: 1.1.5 removed it."""
+    try:
+        from torchdistill.datasets.wrapper import CacheableDataset
+    except ImportError:
+        return None
+    return CacheableDataset
+
+
+def torchdistill_kd_epochs(data, teacher, student, epochs: int, clock, T: float = 4.0, alpha: float = 0.9,
+                           cache_dir=None):
+    """torchdistill 1.1's DistillationBox with its KDLoss, the loop of its examples: the teacher online,
+    or (`cache_dir`) its own teacher-output cache, the dataset wrapped in its CacheableDataset (the first
+    epoch writes every sample's teacher output to <cache_dir>/<index>.pt, the later ones load them in
+    the loader instead of running the teacher).
     Pitfalls handled (notes/performance.md): KDLoss's alpha weights CE, so alpha=1-alpha_kd gives
     kdexp's w_ce * CE + alpha * T^2 * KL; its loader yields (x, y, supp) triples; the box never
     calls teacher.eval(); it edits its config in place (deep copy); forward_proc must be set."""
     from torch.utils.data import RandomSampler, TensorDataset
     from torchdistill.core.distillation import DistillationBox
 
+    dataset = TensorDataset(data.x_train, data.y_train)
+    if cache_dir is not None:  # a wrapper that already yields (x, y, supp): no second one
+        dataset = torchdistill_cache()(dataset, cache_dir)
     config = {
         "num_epochs": epochs,
-        "train_data_loader": {"dataset_id": "train", "requires_supp": True,
+        "train_data_loader": {"dataset_id": "train", "requires_supp": cache_dir is None,
                               "sampler": {"class_or_func": RandomSampler,
                                           "kwargs": {"generator": torch.Generator().manual_seed(0)}},
                               "kwargs": {"batch_size": 128, "num_workers": 0}},
@@ -107,7 +126,7 @@ def torchdistill_kd_epochs(data, teacher, student, epochs: int, clock, T: float 
                                         "teacher_module_path": ".", "teacher_module_io": "output",
                                         "temperature": T, "alpha": 1.0 - alpha, "reduction": "batchmean"}}}}}},
     }
-    box = DistillationBox(teacher, student, {"train": TensorDataset(data.x_train, data.y_train)},
+    box = DistillationBox(teacher, student, {"train": dataset},
                           copy.deepcopy(config), torch.device("cpu"), None, False, 1)
     box.teacher_model.eval()
     times = []
@@ -281,26 +300,33 @@ class Bench:
                     f"{self.n / self.kd_online_s:,.0f} samples/s, hand-written {self.n / hand_on_s:,.0f} samples/s; "
                     f"the cache makes kdexp KD {self.kd_online_s / self.kd_s:.1f}x faster")
 
-    def sweep_configs(self):
-        return [("method=kd", f"method.temperature={t}", f"method.alpha={a}") for t in (1, 2, 4, 8) for a in (0.5, 0.9)]
+    def sweep_configs(self, method="kd"):
+        return [(f"method={method}", f"method.temperature={t}", f"method.alpha={a}") for t in (1, 2, 4, 8)
+                for a in (0.5, 0.9)]
 
     def c_d(self):
-        from kdexp.engine import fused
-
         fresh = os.path.join(self.work, "cache-sweep")
         epochs = f"epochs={self.epochs}"
         sources = [self.run(*o, epochs, cache=fresh)["teacher"]["source"] for o in self.sweep_configs()]
         self.report("c", "teacher trainings in an 8-run sweep (kd x 4 temperatures x 2 alphas, empty teacher cache)",
                     sources.count("trained"), 1, "==",
                     f"teacher source per run: {sources.count('trained')} trained, {sources.count('cache')} cache")
+        self.fused_vs_separate("d", "kd", 0.15, fresh)
+        self.fused_vs_separate("d'", "dkd", 0.5, fresh)
+
+    def fused_vs_separate(self, key, method, target, cache):
+        """A fused sweep of 8 `method` runs (4 T x 2 alpha) / the same 8 runs one after the other."""
+        from kdexp.engine import fused
+
+        epochs = f"epochs={self.epochs}"
         ratios, walls = [], []
         for _ in range(self.reps):
             w0, t0 = time.perf_counter(), self.clock()
-            for o in self.sweep_configs():
-                self.run(*o, epochs, cache=fresh)
+            for o in self.sweep_configs(method):
+                self.run(*o, epochs, cache=cache)
             sep, sep_wall = self.clock() - t0, time.perf_counter() - w0
-            jobs = [fused.Job(self.cfg(*o, epochs, cache=fresh), self.run_dir("fused"), o, i)
-                    for i, o in enumerate(self.sweep_configs())]
+            jobs = [fused.Job(self.cfg(*o, epochs, cache=cache), self.run_dir("fused"), o, i)
+                    for i, o in enumerate(self.sweep_configs(method))]
             w0, t0 = time.perf_counter(), self.clock()
             values = fused.train_group(jobs)
             fus, fus_wall = self.clock() - t0, time.perf_counter() - w0
@@ -308,8 +334,8 @@ class Bench:
                 raise RuntimeError(f"a fused run failed: {values}")
             ratios.append(fus / sep)
             walls.append((fus_wall, sep_wall))
-        self.report("d", "fused sweep of 8 students / 8 separate runs (whole runs, teacher cached)",
-                    statistics.median(ratios), 0.5, "<=",
+        self.report(key, f"fused sweep of 8 {method} students / 8 separate runs (whole runs, teacher cached)",
+                    statistics.median(ratios), target, "<=",
                     f"per rep: {', '.join(f'{v:.3f}' for v in ratios)}; wall clock: " +
                     ", ".join(f"fused {f:.1f} s vs separate {s:.1f} s" for f, s in walls) + f"; {epochs} each")
 
@@ -328,6 +354,18 @@ class Bench:
                     f"kdexp {self.n / self.kd_s:,.0f} samples/s (teacher cache on, the default), torchdistill "
                     f"{self.n / td:,.0f} samples/s (DistillationBox, teacher online); with teacher.cache=false kdexp "
                     f"is {td / self.kd_online_s:.2f}x torchdistill")
+        if torchdistill_cache() is None:
+            print(f"(e') torchdistill with its teacher-output cache: SKIPPED - torchdistill {torchdistill.__version__} "
+                  f"has no CacheableDataset (1.1.5 removed it; pip install -e '.[bench]' installs 1.1.4)", flush=True)
+            return
+        cache_dir = os.path.join(self.work, "torchdistill-cache")
+        times = torchdistill_kd_epochs(self.data, teacher, copy.deepcopy(student), 3, self.clock, cache_dir=cache_dir)
+        cached = statistics.median(times[1:])  # epoch 1 runs the teacher and writes the cache
+        self.report("e'", "kdexp KD throughput / torchdistill KD throughput with torchdistill's own teacher-output "
+                    "cache (CacheableDataset)", cached / self.kd_s, 2.0, ">=",
+                    f"kdexp {self.n / self.kd_s:,.0f} samples/s, torchdistill {self.n / cached:,.0f} samples/s from "
+                    f"its cache (epochs 2-3; its filling epoch took {times[0]:.1f} s: {len(os.listdir(cache_dir))} "
+                    f"files of one sample's outputs each)")
 
 
     def f_g(self):

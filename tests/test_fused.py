@@ -10,6 +10,7 @@ import torch
 
 from kdexp.engine import fused
 from kdexp.engine.plan import student_reason
+from kdexp.methods import list_methods, requirements
 from kdexp.models import get_model
 from kdexp.train import run
 
@@ -21,8 +22,47 @@ def read(path):
         return json.load(f)
 
 
-def jobs_of(compose_cfg, tmp_path, variants, name):
-    return [fused.Job(compose_cfg(*SHORT, *v), str(tmp_path / f"{name}{i}"), v, i) for i, v in enumerate(variants)]
+def jobs_of(compose_cfg, tmp_path, variants, name, epochs=SHORT):
+    return [fused.Job(compose_cfg(*epochs, *v), str(tmp_path / f"{name}{i}"), v, i) for i, v in enumerate(variants)]
+
+
+def fused_and_separate_agree(compose_cfg, tmp_path, variants, epochs=SHORT):
+    """Train `variants` as separate runs and as one fused group: the same final values and, epoch by
+    epoch, the same metric names and values (to 1e-4) in each run's metrics.json."""
+    separate = [run(j.cfg, j.run_dir, j.overrides) for j in jobs_of(compose_cfg, tmp_path, variants, "sep", epochs)]
+    jobs = jobs_of(compose_cfg, tmp_path, variants, "fus", epochs)
+    assert [o.status for o in fused.triage(jobs)] == ["fuse"] * len(jobs), [o.separate for o in fused.triage(jobs)]
+    values = fused.train_group(jobs)
+    assert values == pytest.approx(separate, abs=1e-4)
+    for i in range(len(variants)):
+        a, b = read(tmp_path / f"sep{i}" / "metrics.json"), read(tmp_path / f"fus{i}" / "metrics.json")
+        assert b["status"] == "done" and b["fused"]["group_size"] == len(variants)
+        assert [set(h) for h in a["history"]] == [set(h) for h in b["history"]]  # same metric names per epoch
+        for ha, hb in zip(a["history"], b["history"]):
+            for k in ha:
+                if not k.startswith("time/"):
+                    assert hb[k] == pytest.approx(ha[k], abs=1e-4), (i, k)
+        assert b["teacher"]["key"] == a["teacher"]["key"] and b["hardware"] == a["hardware"]
+
+
+FUSABLE = [n for n in list_methods() if requirements(n).fusable]
+
+
+def test_every_logit_method_fuses():
+    assert set(FUSABLE) == {"ce", "kd", "lskd", "logit_mse", "lsr", "tfkd_self", "tfkd_reg", "dkd", "dist", "mlkd",
+                            "nkd", "wsld"}
+
+
+@pytest.mark.parametrize("method", sorted(set(FUSABLE) - {"ce", "kd"}))
+def test_fused_logit_methods_match_separate_runs(compose_cfg, tmp_path, method):
+    # per-student temperature, alpha and beta (each a weight of some method's term; 0 leaves its
+    # term out) and two seeds: one epoch, so that each method's step is compared, not its accuracy
+    variants = [[f"method={method}", *v] for v in (
+        ["method.temperature=2", "method.alpha=0.5", "method.beta=0.0", "seed=0"],
+        ["method.temperature=6", "method.alpha=0.0", "method.beta=2.0", "seed=0"],
+        ["method.temperature=3", "method.alpha=0.9", "method.beta=1.0", "seed=1"],
+    )]
+    fused_and_separate_agree(compose_cfg, tmp_path, variants, ["epochs=1", "teacher.epochs=1", "progress=false"])
 
 
 @pytest.mark.parametrize("method", ["kd", "ce"])
@@ -36,20 +76,8 @@ def test_fused_students_match_separate_runs(compose_cfg, tmp_path, method):
     )]
     if method == "ce":
         variants = variants[:3]  # ce with w_ce=0 has nothing to train
-    separate = [run(j.cfg, j.run_dir, j.overrides) for j in jobs_of(compose_cfg, tmp_path, variants, "sep")]
-    jobs = jobs_of(compose_cfg, tmp_path, variants, "fus")
-    assert [o.status for o in fused.triage(jobs)] == ["fuse"] * len(jobs)
-    values = fused.train_group(jobs)
-    assert values == pytest.approx(separate, abs=1e-4)
+    fused_and_separate_agree(compose_cfg, tmp_path, variants)
     for i in range(len(variants)):
-        a, b = read(tmp_path / f"sep{i}" / "metrics.json"), read(tmp_path / f"fus{i}" / "metrics.json")
-        assert b["status"] == "done" and b["fused"]["group_size"] == len(variants)
-        assert [set(h) for h in a["history"]] == [set(h) for h in b["history"]]  # same metric names per epoch
-        for ha, hb in zip(a["history"], b["history"]):
-            for k in ha:
-                if not k.startswith("time/"):
-                    assert hb[k] == pytest.approx(ha[k], abs=1e-4), (i, k)
-        assert b["teacher"]["key"] == a["teacher"]["key"] and b["hardware"] == a["hardware"]
         run_dir = tmp_path / f"fus{i}"
         assert (run_dir / "checkpoints" / "last.pt").is_file() and (run_dir / "run_info.json").is_file()
         assert list((run_dir / "tb").glob("events.out.tfevents*"))
@@ -78,7 +106,9 @@ def test_a_fused_checkpoint_resumes_as_a_separate_run(compose_cfg, tmp_path):
 def test_what_does_not_fuse_says_why(compose_cfg):
     assert fused.config_reason(compose_cfg("method=kd")) is None
     assert fused.config_reason(compose_cfg("method=ce")) is None
-    assert "method=dkd" in fused.config_reason(compose_cfg("method=dkd"))
+    assert fused.config_reason(compose_cfg("method=dkd")) is None
+    assert "method=ctkd" in fused.config_reason(compose_cfg("method=ctkd"))
+    assert "method=fitnet" in fused.config_reason(compose_cfg("method=fitnet", "student=cnn"))
     assert "teacher.cache=false" in fused.config_reason(compose_cfg("method=kd", "teacher.cache=false"))
     assert "ddp" in fused.config_reason(compose_cfg("method=kd", "hardware=ddp"))
     assert "dataset.augment=crop" in fused.config_reason(compose_cfg("method=kd", "dataset.augment=crop"))

@@ -124,12 +124,12 @@ def compose_cfg(tmp_path_factory):
     yield composer(tmp_path_factory.mktemp("ls"))
 
 
-def test_lskd_is_kd_with_the_papers_weights_and_never_fuses(compose_cfg):
+def test_lskd_is_kd_with_the_papers_weights_and_fuses(compose_cfg):
     m = compose_cfg("method=lskd").method
     assert (m.logit_standardize, m.temperature, m.alpha, m.w_ce) == (True, 2.0, 9.0, 0.1)
-    assert not requirements("lskd").fusable
+    assert requirements("lskd").fusable  # fused students take the standardized KD of its logit_terms (tests/test_fused.py)
     cfg = compose_cfg("method=kd", "method.logit_standardize=true", "hardware=cpu")
-    assert "logit_standardize" in fuse_reason(cfg, requirements("kd"))
+    assert fuse_reason(cfg, requirements("kd")) is None
     assert fuse_reason(compose_cfg("method=kd", "hardware=cpu"), requirements("kd")) is None
 
 

@@ -19,8 +19,10 @@ numerical tolerance:
   can resume from it) and run_info as a separate run. `time/epoch_s` of a fused run is the
   group's epoch time / N (its share); metrics.json's `fused` names the group.
 
-What fuses: methods whose requirements say fusable (ce, kd) with students without BatchNorm and
-without active dropout, one process on CPU or one GPU in float32 (`kdexp.engine.plan.fuse_reason`).
+What fuses: the logit methods (kdexp.methods.base.LogitMethod: ce, kd, lskd, logit_mse, lsr, tfkd_self,
+tfkd_reg, dkd, dist, mlkd, nkd, wsld) with students without BatchNorm and without active dropout, one
+process on CPU or one GPU in float32 (`kdexp.engine.plan.fuse_reason`). Methods with trainable parts
+of their own (CTKD's learned temperature, regressors, discriminators) or feature taps run separately.
 Anything else, and a run to resume from a checkpoint, runs as a separate run, with a log line
 saying why.
 """
@@ -181,9 +183,16 @@ def _open(job: Job, k: int, jobs: Sequence[Job], p, asm, device) -> Recorder:
 
 
 class FusedStepper:
-    """N ce/kd students under vmap: losses (N,) per term, one optimizer over the stacked weights,
-    per-student divergence (a diverged run is recorded failed; the others go on), metrics and
-    checkpoints per run (weights copied back into each student first)."""
+    """N students of one logit method (kdexp.methods.base.LogitMethod) under vmap: losses (N,) per
+    term, one optimizer over the stacked weights, per-student divergence (a diverged run is recorded
+    failed; the others go on), metrics and checkpoints per run (weights copied back into each
+    student first).
+
+    The terms are the method's own `logit_terms` under vmap, each student's hyperparameters a 0-d
+    tensor, the teacher's logits gathered from the cache's table of every training sample; a term
+    whose weight is 0 for a student is left out of its loss and its metrics, as in its separate run.
+    KD with the teacher-output cache (kd, tfkd_self) takes the cache's softened probabilities per T
+    instead (`soft_kd_loss` on (N, B, C): no teacher softmax per step), as its separate run does."""
 
     def __init__(self, asm, plans, recorders: List[Recorder], labels: List[str], indices: List[int]):
         from torch.func import functional_call, vmap
@@ -200,16 +209,18 @@ class FusedStepper:
                         for n, _ in template.named_buffers()}
         self.shapes = [self.stacked[n].shape for n in self.names]
         device = asm.data.x_train.device
-        cfgs = [p.cfg.method for p in plans]
-        self.is_kd = plans[0].name == "kd"
-        self.w_ce = torch.tensor([float(m.w_ce or 0.0) for m in self.methods], device=device)
-        self.alpha = torch.tensor([float(c.alpha) if self.is_kd else 0.0 for c in cfgs], device=device)
-        self.temperature = torch.tensor([float(c.temperature) for c in cfgs], device=device)
-        self.ce_on = torch.tensor([bool(m.w_ce) for m in self.methods], device=device)
-        self.kd_on = torch.tensor([self.is_kd and bool(c.alpha) for c in cfgs], device=device)
+        method = self.methods[0]
+        self.term_weights = method.term_weights
+        self.hp = {k: torch.tensor([float(m.hp[k]) for m in self.methods], device=device) for k in method.hp}
+        self.on = {k: self.hp[w] != 0 for k, w in self.term_weights.items()}  # (N,): the term is in run i's loss
         self.rows = torch.arange(self.n, device=device).unsqueeze(1)
-        if self.is_kd:  # the cache's one-off pass: teacher time, before the first epoch
-            self.p_table, self.negh_table = self._soft_tables([float(c.temperature) for c in cfgs])
+        self.soft = getattr(method, "soft_targets", None) is not None  # KD from the cache's softened targets
+        self.t_table = None
+        if self.soft:  # the cache's one-off pass: teacher time, before the first epoch
+            self.p_table, self.negh_table = self._soft_tables([m.hp["temperature"] for m in self.methods])
+        elif method.requires.uses_teacher:
+            self.t_table = self._teacher_logits()
+        if method.requires.uses_teacher:
             fill_s = take_fill_seconds(asm.teacher)[0]
             for r in recorders:
                 r.record["teacher_cache"]["fill_s"] = round(fill_s, 4)
@@ -218,12 +229,22 @@ class FusedStepper:
             return functional_call(template, (params, bufs), (x,))
 
         self._forward = {shared: vmap(forward, in_dims=(0, 0, None if shared else 0)) for shared in (True, False)}
+        self._terms = {(shared, self.t_table is not None): vmap(
+            method.logit_terms, in_dims=(0, None if shared or self.t_table is None else 0, None if shared else 0, 0))
+            for shared in (True, False)}
+
+    def _everything(self):
+        x = self.asm.data.x_train
+        return Batch.sampled(self.asm.data.view, x, None, torch.arange(len(x), device=x.device))
+
+    def _teacher_logits(self) -> torch.Tensor:
+        """The teacher's logits on every training sample (N_data, C), from the cache."""
+        return self.asm.teacher.logits(self._everything())
 
     def _soft_tables(self, temperatures: Sequence[float]):
         """Per student: the teacher's softened probabilities p (N_data, C) and sum p log p (N_data,)."""
-        teacher, x = self.asm.teacher, self.asm.data.x_train
-        everything = Batch.sampled(self.asm.data.view, x, None, torch.arange(len(x), device=x.device))
-        tables = {T: teacher.soft_targets(everything, T) for T in sorted(set(temperatures))}
+        everything = self._everything()
+        tables = {T: self.asm.teacher.soft_targets(everything, T) for T in sorted(set(temperatures))}
         return (torch.stack([tables[T][0] for T in temperatures]), torch.stack([tables[T][1] for T in temperatures]))
 
     # -- the stepper API -------------------------------------------------------------------------
@@ -240,23 +261,27 @@ class FusedStepper:
 
     def losses(self, batch):
         shared = batch.idx.dim() == 1  # one batch for all students (they share a seed)
+        logits = self._forward[shared](self.stacked, self.buffers, batch.x)  # (N, B, C)
+        if not self.soft:
+            t = None if self.t_table is None else self.t_table[batch.idx]  # (B, C), or (N, B, C) per student
+            return self._terms[shared, t is not None](logits, t, batch.y, self.hp)
         idx = batch.idx.expand(self.n, -1) if shared else batch.idx
         y = batch.y.expand(self.n, -1) if shared else batch.y
-        logits = self._forward[shared](self.stacked, self.buffers, batch.x)  # (N, B, C)
-        terms = {"ce": ce_loss(logits, y, self.w_ce, UNLABELED)}
-        if self.is_kd:
-            p, neg_h = self.p_table[self.rows, idx], self.negh_table[self.rows, idx]  # (N, B, C), (N, B)
-            terms["kd"] = soft_kd_loss(logits, p, neg_h, self.temperature, self.alpha)
-        return terms
+        p, neg_h = self.p_table[self.rows, idx], self.negh_table[self.rows, idx]  # (N, B, C), (N, B)
+        return {"ce": ce_loss(logits, y, self.hp["w_ce"], UNLABELED),
+                "kd": soft_kd_loss(logits, p, neg_h, self.hp["temperature"], self.hp["alpha"])}
 
     def _per_student(self, terms):
         # a term with weight 0 is left out, as in the separate run (0 * inf would be nan)
-        zero = torch.zeros((), device=self.w_ce.device)
-        per = torch.where(self.ce_on, terms["ce"], zero)
-        return per + torch.where(self.kd_on, terms["kd"], zero) if "kd" in terms else per
+        zero = torch.zeros((), device=self.rows.device)
+        per = None
+        for k, v in terms.items():
+            v = torch.where(self.on[k], v, zero)
+            per = v if per is None else per + v
+        return per
 
     def total(self, terms):
-        active = torch.tensor(self.active, device=self.w_ce.device)
+        active = torch.tensor(self.active, device=self.rows.device)
         per = self._per_student(terms)
         return torch.where(active, per, torch.zeros_like(per)).sum()  # SUM: each student its own lr
 
@@ -267,8 +292,7 @@ class FusedStepper:
         for i in (~torch.isfinite(per)).nonzero().flatten().tolist():
             if not self.active[i]:
                 continue
-            bad = [k for k, on in (("ce", self.ce_on), ("kd", self.kd_on)) if k in terms and on[i]
-                   and not torch.isfinite(terms[k][i])]
+            bad = [k for k, v in terms.items() if self.on[k][i] and not torch.isfinite(v[i])]
             msg = (f"student: loss is {per[i].item()} at {where} (non-finite term(s): {bad}); lower the learning "
                    f"rate or check the inputs")
             log.error("%s: %s", self.recorders[i].run_dir, msg)
@@ -294,7 +318,7 @@ class FusedStepper:
                 out.append(None)
                 continue
             metrics = {"train/loss": sums["train/loss"][i]}
-            for k, on in (("ce", self.ce_on), ("kd", self.kd_on)):
+            for k, on in self.on.items():
                 if bool(on[i]):
                     metrics[f"train/loss_{k}"] = sums[f"train/loss_{k}"][i]
             metrics.update(validation_metrics(m, self.asm.data, accel, p.cfg.eval_batch_size))

@@ -219,7 +219,8 @@ def fuse_reason(cfg, requires: Requirements, student: Optional[nn.Module] = None
     if cfg.get("chain") or cfg.get("born_again", {}).get("generations") is not None:
         return "a chain (or born_again): its stages run one after the other, each as a separate run"
     if not requires.fusable:
-        return f"method={name} (fused sweeps train methods whose requirements say fusable: ce and kd)"
+        fusable = ", ".join(n for n in METHODS.names() if METHODS.meta(n)["requires"].fusable)
+        return f"method={name} (fused sweeps train the logit methods whose requirements say fusable: {fusable})"
     if (cfg.get("early_stop") or {}).get("patience") is not None:
         return "early_stop.patience (the students of a fused group train for the same epochs)"
     if debugging(cfg):
@@ -249,11 +250,10 @@ def fuse_reason(cfg, requires: Requirements, student: Optional[nn.Module] = None
     if cfg.get("teachers"):
         return "a teachers=[...] ensemble"
     m = cfg.method
-    if m.get("logit_standardize"):
-        return "method.logit_standardize (fused students compute KD on raw logits)"
     w_ce = (1.0 - m.alpha) if m.get("w_ce") is None else m.w_ce
-    if not w_ce and (not requires.uses_teacher or not m.alpha):
-        return "nothing to train (w_ce and alpha are 0): the separate run reports it"
+    weights = getattr(get_method(name), "term_weights", {}).values()  # the hparams weighing its terms
+    if not any(w_ce if key == "w_ce" else m.get(key, 0.0) for key in weights):
+        return "nothing to train (every term's weight is 0): the separate run reports it"
     return student_reason(student) if student is not None else None
 
 

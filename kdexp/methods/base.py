@@ -284,3 +284,49 @@ class Method(nn.Module, abc.ABC):
         if not self.w_ce:
             return {}
         return {"ce": ce_loss(student_logits, y, self.w_ce, UNLABELED)}
+
+
+class LogitMethod(Method):
+    """A method whose loss reads nothing but logits and labels: the student's, the teacher's (None
+    without a teacher) and y. `logit_terms(s, t, y, hp)` is its loss, and it serves two callers:
+
+    - the separate run (`losses`): one student's (B, C) logits, `hp` the run's floats (`hparams`);
+    - a fused sweep (kdexp.engine.fused): the same function under torch.func.vmap, one student per
+      row, `hp` each student's values as 0-d tensors.
+
+    So `logit_terms` computes every term, each multiplied by its weight, with no Python branch on an
+    `hp` value and no data-dependent shapes (a boolean mask, an in-place op on an unbatched tensor).
+    Every term has a weight named in `term_weights`; a term whose weight is 0 is left out afterwards,
+    in both callers (its value is not logged and an inf in it, 0 * inf, does not make the loss NaN)."""
+    requires = Requirements(fusable=True)
+    term_weights: Dict[str, str] = {"ce": "w_ce"}  # loss term -> the `hparams` key that weighs it
+
+    def __init__(self, cfg, student: nn.Module, teacher: Optional["object"] = None):
+        super().__init__(cfg, student, teacher)
+        self.hp = self.hparams()  # plain floats: reading a DictConfig every step costs more than a logit term
+
+    def hparams(self) -> Dict[str, float]:
+        """The values its terms read that a fused sweep may vary per student (kdexp.engine.plan's
+        FUSABLE_KEYS), plus any the loss reads as weights. w_ce is the resolved one (null -> 1 - alpha)."""
+        c = self.cfg  # a method config, or a teacher recipe's (which may lack the keys its loss ignores)
+        return {"temperature": float(getattr(c, "temperature", 1.0)), "alpha": float(getattr(c, "alpha", 0.0)),
+                "beta": float(getattr(c, "beta", 0.0)), "w_ce": float(self.w_ce or 0.0)}
+
+    @abc.abstractmethod
+    def logit_terms(self, s: torch.Tensor, t: Optional[torch.Tensor], y: torch.Tensor,
+                    hp: Dict[str, object]) -> Dict[str, torch.Tensor]:
+        """Every weighted term (the keys of `term_weights`) from the student's logits s (B, C), the
+        teacher's t (B, C) or None, the labels y (B,) (UNLABELED where a sample has none) and `hp`."""
+
+    def losses(self, batch: Batch) -> Dict[str, torch.Tensor]:
+        s = self.student(batch.x)
+        t = self.teacher.logits(batch) if self.requires.uses_teacher else None
+        return self.kept(self.logit_terms(s, t, batch.y, self.hp))
+
+    def kept(self, terms: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The terms whose weight is not 0 (what the separate run minimizes and logs)."""
+        return {k: v for k, v in terms.items() if self.hp[self.term_weights[k]]}
+
+    def ce_term(self, s: torch.Tensor, y: torch.Tensor, hp: Dict[str, object]) -> torch.Tensor:
+        """w_ce * CE on the labeled samples (`Method.ce`'s term, its weight from `hp`)."""
+        return ce_loss(s, y, hp["w_ce"], UNLABELED)

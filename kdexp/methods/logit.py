@@ -4,7 +4,7 @@ from typing import Optional
 
 from kdexp.errors import ConfigError
 from kdexp.losses import kd_ce_loss_soft, kd_loss
-from kdexp.methods.base import Method, MethodConfig, Requirements, SofteningConfig, register_method, UNLABELED
+from kdexp.methods.base import LogitMethod, MethodConfig, Requirements, SofteningConfig, register_method, UNLABELED
 
 
 @dataclass
@@ -14,7 +14,7 @@ class CEConfig(MethodConfig):
 
 
 @register_method("ce", config=CEConfig)
-class CE(Method):
+class CE(LogitMethod):
     """Baseline, no teacher: the labels alone (cross-entropy)
 
     The student alone on labels: w_ce * CE. Ignores temperature and alpha, so a sweep
@@ -26,8 +26,8 @@ class CE(Method):
         if not self.w_ce:
             raise ConfigError("method=ce with method.w_ce=0 has nothing to train; set method.w_ce > 0")
 
-    def losses(self, batch):
-        return self.ce(self.student(batch.x), batch.y)
+    def logit_terms(self, s, t, y, hp):
+        return {"ce": self.ce_term(s, y, hp)}
 
 
 @dataclass
@@ -36,34 +36,35 @@ class KDConfig(SofteningConfig):
 
 
 @register_method("kd", config=KDConfig)
-class KD(Method):
+class KD(LogitMethod):
     """Hinton et al. 2015: the teacher's temperature-softened outputs (KL)
 
     Hinton et al. 2015: w_ce * CE + alpha * T^2 * KL(p_t^T || p_s^T); w_ce defaults to 1 - alpha.
     With method.logit_standardize the KL compares the z-scored logits (Sun et al. CVPR 2024)."""
     requires = Requirements(fusable=True, ignores=("beta",))
+    term_weights = {"ce": "w_ce", "kd": "alpha"}
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)
-        # plain floats: reading a DictConfig every step costs more than the cached KD term itself
-        self.alpha, self.temperature = float(cfg.alpha), float(cfg.temperature)
-        self._soft_targets = getattr(teacher, "soft_targets", None)  # the teacher-output cache's, if any
+        self.alpha, self.temperature = self.hp["alpha"], self.hp["temperature"]
+        # the teacher-output cache's softened probabilities per T, if any (standardized logits have
+        # none: their teacher logits come from the cache)
+        soft = getattr(teacher, "soft_targets", None)
+        self.soft_targets = None if self.logit_standardize else soft
 
     def losses(self, batch):
+        if not (self.alpha and self.soft_targets is not None):
+            return super().losses(batch)
+        # teacher-output cache: softened probabilities cached per T; both terms in one autograd
+        # node (same values and gradients as `logit_terms`)
         s = self.student(batch.x)
-        # (standardized logits have no cached soft targets: their teacher logits come from the cache)
-        soft = None if self.logit_standardize else self._soft_targets
-        if self.alpha and soft is not None:
-            # teacher-output cache: softened probabilities cached per T; both terms in one autograd
-            # node (same values and gradients as self.ce + kd_loss below)
-            p, neg_entropy = soft(batch, self.temperature)
-            ce, kd = kd_ce_loss_soft(s, batch.y, p, neg_entropy, self.temperature, self.w_ce or 0.0, self.alpha,
-                                     UNLABELED, all_labeled=batch.labeled is None)
-            return {"ce": ce, "kd": kd} if self.w_ce else {"kd": kd}
-        terms = self.ce(s, batch.y)
-        if self.alpha:
-            terms["kd"] = self.alpha * kd_loss(*self.soft_inputs(s, self.teacher.logits(batch)), self.temperature)
-        return terms
+        p, neg_entropy = self.soft_targets(batch, self.temperature)
+        ce, kd = kd_ce_loss_soft(s, batch.y, p, neg_entropy, self.temperature, self.w_ce or 0.0, self.alpha,
+                                 UNLABELED, all_labeled=batch.labeled is None)
+        return {"ce": ce, "kd": kd} if self.w_ce else {"kd": kd}
+
+    def logit_terms(self, s, t, y, hp):
+        return {"ce": self.ce_term(s, y, hp), "kd": hp["alpha"] * kd_loss(*self.soft_inputs(s, t), hp["temperature"])}
 
 
 @dataclass
@@ -82,6 +83,5 @@ class LSKD(KD):
     KD with logit standardization (Sun et al. CVPR 2024, arXiv 2403.01427): method=kd with
     method.logit_standardize=true and the authors' CIFAR-100 weights, 0.1 * CE + 9 * T^2 *
     KL(softmax(z(t)/T) || softmax(z(s)/T)) at base temperature T=2, z the per-sample z-score
-    (`kdexp.losses.standardize_logits`). The authors' code scales the KL by T^2 as mdistiller does.
-    Not fusable: the fused stepper computes plain KD (engine.fused)."""
-    requires = Requirements(ignores=("beta",))
+    (`kdexp.losses.standardize_logits`). The authors' code scales the KL by T^2 as mdistiller does."""
+    requires = Requirements(fusable=True, ignores=("beta",))

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from kdexp.losses import dist_terms, dkd_terms, logit_mse_loss
-from kdexp.methods.base import (Method, MethodConfig, Requirements, SofteningConfig, UNLABELED, check_warmup,
+from kdexp.methods.base import (LogitMethod, MethodConfig, Requirements, SofteningConfig, UNLABELED, check_warmup,
                                 register_method, warmup_ramp, warmup_warnings)
 
 
@@ -22,20 +22,17 @@ class LogitMSEConfig(MethodConfig):
 
 
 @register_method("logit_mse", config=LogitMSEConfig)
-class LogitMSE(Method):
+class LogitMSE(LogitMethod):
     """Ba & Caruana 2014: the teacher's logits, regressed (MSE)
 
     Ba & Caruana 2014, "Do deep nets really need to be deep?": the student regresses the
     teacher's logits, alpha * 1/2 * sum_c (s_c - t_c)^2 (batch mean) + w_ce * CE. The paper uses
     no labels (alpha=1, w_ce=0). Temperature is accepted and ignored: logits are not softened."""
-    requires = Requirements(ignores=("temperature", "beta"))
+    requires = Requirements(fusable=True, ignores=("temperature", "beta"))
+    term_weights = {"ce": "w_ce", "mse": "alpha"}
 
-    def losses(self, batch):
-        s = self.student(batch.x)
-        terms = self.ce(s, batch.y)
-        if self.cfg.alpha:
-            terms["mse"] = self.cfg.alpha * logit_mse_loss(s, self.teacher.logits(batch))
-        return terms
+    def logit_terms(self, s, t, y, hp):
+        return {"ce": self.ce_term(s, y, hp), "mse": hp["alpha"] * logit_mse_loss(s, t)}
 
 
 @dataclass
@@ -49,7 +46,7 @@ class DKDConfig(SofteningConfig):
 
 
 @register_method("dkd", config=DKDConfig)
-class DKD(Method):
+class DKD(LogitMethod):
     """Zhao et al. CVPR 2022: the teacher's target and non-target class outputs, decoupled (KL)
 
     Decoupled KD (Zhao et al. CVPR 2022, arXiv 2203.08679):
@@ -59,6 +56,8 @@ class DKD(Method):
 
     With a transfer set (dataset.label_fraction < 1) the target class of an unlabeled sample
     is the teacher's top class. With 2 classes NCKD is identically 0 and a warning says so."""
+    requires = Requirements(fusable=True)
+    term_weights = {"ce": "w_ce", "tckd": "alpha", "nckd": "beta"}
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)
@@ -71,18 +70,11 @@ class DKD(Method):
     def warmup_factor(self) -> float:
         return warmup_ramp(self.epoch, self.cfg.warmup_epochs)
 
-    def losses(self, batch):
-        s = self.student(batch.x)
-        terms = self.ce(s, batch.y)
-        t = self.teacher.logits(batch)
-        target = torch.where(batch.y == UNLABELED, t.argmax(-1), batch.y)
-        tckd, nckd = dkd_terms(*self.soft_inputs(s, t), target, self.cfg.temperature)
+    def logit_terms(self, s, t, y, hp):
+        target = torch.where(y == UNLABELED, t.argmax(-1), y)
+        tckd, nckd = dkd_terms(*self.soft_inputs(s, t), target, hp["temperature"])
         ramp = self.warmup_factor()
-        if self.cfg.alpha:
-            terms["tckd"] = ramp * self.cfg.alpha * tckd
-        if self.cfg.beta:
-            terms["nckd"] = ramp * self.cfg.beta * nckd
-        return terms
+        return {"ce": self.ce_term(s, y, hp), "tckd": ramp * hp["alpha"] * tckd, "nckd": ramp * hp["beta"] * nckd}
 
 
 @dataclass
@@ -95,7 +87,7 @@ class DISTConfig(SofteningConfig):
 
 
 @register_method("dist", config=DISTConfig)
-class DIST(Method):
+class DIST(LogitMethod):
     """Huang et al. NeurIPS 2022: the teacher's inter- and intra-class output relations (Pearson)
 
     DIST (Huang et al. NeurIPS 2022, arXiv 2205.10536): match relations instead of exact
@@ -103,13 +95,9 @@ class DIST(Method):
     per class over the batch) on softmax(logits / T). Defaults: the paper's ImageNet setting
     (T=1, both weights 1, CE weight 1). `alpha` is the paper's beta and `beta` its gamma, so
     that alpha keeps weighing the per-sample (KD-like) term as in every kdexp method."""
+    requires = Requirements(fusable=True)
+    term_weights = {"ce": "w_ce", "inter": "alpha", "intra": "beta"}
 
-    def losses(self, batch):
-        s = self.student(batch.x)
-        terms = self.ce(s, batch.y)
-        inter, intra = dist_terms(*self.soft_inputs(s, self.teacher.logits(batch)), self.cfg.temperature)
-        if self.cfg.alpha:
-            terms["inter"] = self.cfg.alpha * inter
-        if self.cfg.beta:
-            terms["intra"] = self.cfg.beta * intra
-        return terms
+    def logit_terms(self, s, t, y, hp):
+        inter, intra = dist_terms(*self.soft_inputs(s, t), hp["temperature"])
+        return {"ce": self.ce_term(s, y, hp), "inter": hp["alpha"] * inter, "intra": hp["beta"] * intra}

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 from kdexp.errors import ConfigError
 from kdexp.losses import mlkd_terms
-from kdexp.methods.base import Method, Requirements, SofteningConfig, register_method
+from kdexp.methods.base import LogitMethod, Requirements, SofteningConfig, register_method
 
 
 @dataclass
@@ -27,7 +27,7 @@ class MLKDConfig(SofteningConfig):
 
 
 @register_method("mlkd", config=MLKDConfig)
-class MLKD(Method):
+class MLKD(LogitMethod):
     """Jin et al. CVPR 2023: the teacher's outputs at instance, batch and class level, several T
 
     MLKD (Jin et al. CVPR 2023; authors' code Jin-Ying/Multi-Level-Logit-Distillation):
@@ -47,12 +47,13 @@ class MLKD(Method):
     (see `mlkd_terms`), so CE counts twice (w_ce 0.2) and the instance term is (1 + f) times the KD
     sum. The masks from the teacher's confidence (below the median) scale each term by the kept
     fraction f (about 1/2), exactly as the authors' code applies them."""
-    requires = Requirements()
+    requires = Requirements(fusable=True)
+    term_weights = {"ce": "w_ce", "instance": "alpha", "batch": "beta", "class": "gamma"}
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)
-        self.temperatures = [float(cfg.temperature), *(float(t) for t in cfg.extra_temperatures)]
-        bad = [t for t in self.temperatures[1:] if not t > 0]
+        self.extra_temperatures = [float(t) for t in cfg.extra_temperatures]
+        bad = [t for t in self.extra_temperatures if not t > 0]
         if bad:
             raise ConfigError(f"method.extra_temperatures={list(cfg.extra_temperatures)} is out of range: every "
                               f"temperature must be > 0 (got {bad})")
@@ -62,17 +63,18 @@ class MLKD(Method):
                 raise ConfigError(f"method.{key}={value} is out of range: must be in [0, 100]")
         if cfg.gamma < 0:
             raise ConfigError(f"method.gamma={cfg.gamma} is out of range: must be >= 0")
-        self.weights = {"instance": float(cfg.alpha), "batch": float(cfg.beta), "class": float(cfg.gamma)}
 
-    def losses(self, batch):
-        s = self.student(batch.x)
-        t = self.teacher.logits(batch)
-        terms = self.ce(s, batch.y)
+    @property
+    def temperatures(self) -> List[float]:
+        """The prediction-augmentation temperatures: method.temperature, then the extra ones."""
+        return [self.hp["temperature"], *self.extra_temperatures]
+
+    def hparams(self):
+        return {**super().hparams(), "gamma": float(self.cfg.gamma)}
+
+    def logit_terms(self, s, t, y, hp):
         s_soft, t_soft = self.soft_inputs(s, t)
         relations = None if self.cfg.standardize_relations else (s, t)
-        parts = mlkd_terms(s_soft, t_soft, self.temperatures, self.cfg.confidence_percentile,
+        parts = mlkd_terms(s_soft, t_soft, [hp["temperature"], *self.extra_temperatures], self.cfg.confidence_percentile,
                            self.cfg.class_confidence_percentile, confidence_logits=t, relation_logits=relations)
-        for name, weight in self.weights.items():
-            if weight:
-                terms[name] = weight * parts[name]
-        return terms
+        return {"ce": self.ce_term(s, y, hp), **{k: hp[self.term_weights[k]] * v for k, v in parts.items()}}

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from kdexp.losses import nkd_terms
-from kdexp.methods.base import Method, Requirements, SofteningConfig, UNLABELED, register_method
+from kdexp.methods.base import LogitMethod, Requirements, SofteningConfig, UNLABELED, register_method
 
 
 @dataclass
@@ -20,7 +20,7 @@ class NKDConfig(SofteningConfig):
 
 
 @register_method("nkd", config=NKDConfig)
-class NKD(Method):
+class NKD(LogitMethod):
     """Yang et al. ICCV 2023: the teacher's target output and normalized non-target outputs (CE)
 
     NKD (Yang et al. ICCV 2023, arXiv 2303.13005; authors' code yzd-v/cls_KD):
@@ -35,17 +35,11 @@ class NKD(Method):
 
     With a transfer set (dataset.label_fraction < 1) the target class of an unlabeled sample is the
     teacher's top class. With 2 classes the non-target term is identically 0 and a warning says so."""
-    requires = Requirements()
+    requires = Requirements(fusable=True)
+    term_weights = {"ce": "w_ce", "target": "alpha", "non_target": "beta"}
 
-    def losses(self, batch):
-        s = self.student(batch.x)
-        t = self.teacher.logits(batch)
-        terms = self.ce(s, batch.y)
-        target = torch.where(batch.y == UNLABELED, t.argmax(-1), batch.y)
-        s_soft, t_soft = self.soft_inputs(s, t)
-        target_term, non_target = nkd_terms(s_soft, t_soft, target, self.cfg.temperature)
-        if self.cfg.alpha:
-            terms["target"] = self.cfg.alpha * target_term
-        if self.cfg.beta:
-            terms["non_target"] = self.cfg.beta * non_target
-        return terms
+    def logit_terms(self, s, t, y, hp):
+        target = torch.where(y == UNLABELED, t.argmax(-1), y)
+        target_term, non_target = nkd_terms(*self.soft_inputs(s, t), target, hp["temperature"])
+        return {"ce": self.ce_term(s, y, hp), "target": hp["alpha"] * target_term,
+                "non_target": hp["beta"] * non_target}

@@ -11,14 +11,11 @@ from typing import Optional
 
 from kdexp.errors import ConfigError
 from kdexp.losses import lsr_loss, tfkd_reg_loss
-from kdexp.methods.base import Method, MethodConfig, Requirements, SofteningConfig, register_method, UNLABELED
+from kdexp.methods.base import LogitMethod, MethodConfig, Requirements, SofteningConfig, register_method
 from kdexp.methods.logit import KD
 
-
-def _labeled(logits, y):
-    """Rows that carry a label (y != UNLABELED): label-driven terms skip the transfer set."""
-    keep = y != UNLABELED
-    return logits[keep], y[keep]
+# LSR and Tf-KD_reg read a label in every term (requires labels="required"): with a transfer set
+# their batches come from the labeled samples only (kdexp.engine.plan), so every y here is a label.
 
 
 @dataclass
@@ -29,13 +26,14 @@ class LSRConfig(MethodConfig):
 
 
 @register_method("lsr", config=LSRConfig)
-class LSR(Method):
+class LSR(LogitMethod):
     """Szegedy et al. 2016, no teacher: labels smoothed towards the uniform distribution (CE)
 
     Label smoothing regularization (Szegedy et al. 2016): w_ce * H((1 - eps) * one_hot + eps / C,
     softmax(s)). No teacher; temperature and alpha are accepted and ignored. LSR is KD from a
     uniform virtual teacher at T=1 with weight eps (Yuan et al. 2020, eq. 6)."""
-    requires = Requirements(teacher="none", labels="required", ignores=("temperature", "alpha", "beta"))
+    requires = Requirements(teacher="none", labels="required", fusable=True, ignores=("temperature", "alpha", "beta"))
+    term_weights = {"lsr": "w_ce"}
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)
@@ -44,9 +42,11 @@ class LSR(Method):
         if not self.w_ce:
             raise ConfigError("method=lsr with method.w_ce=0 has nothing to train; set method.w_ce > 0")
 
-    def losses(self, batch):
-        s, y = _labeled(self.student(batch.x), batch.y)
-        return {"lsr": self.w_ce * lsr_loss(s, y, self.cfg.epsilon)}
+    def hparams(self):
+        return {**super().hparams(), "epsilon": float(self.cfg.epsilon)}
+
+    def logit_terms(self, s, t, y, hp):
+        return {"lsr": hp["w_ce"] * lsr_loss(s, y, hp["epsilon"])}
 
 
 @dataclass
@@ -65,7 +65,7 @@ class TfKDSelf(KD):
     the student's recipe (optim, epochs, batch_size) and teacher.seed. The teacher provider
     trains and caches it under its own key; teacher.checkpoint loads one instead and
     teacher.stop_at_acc stops it early. teacher.arch/args/optim/epochs are not used."""
-    requires = Requirements(teacher="self", ignores=("beta",))
+    requires = Requirements(teacher="self", fusable=True, ignores=("beta",))
 
 
 @dataclass
@@ -77,23 +77,21 @@ class TfKDRegConfig(MethodConfig):
 
 
 @register_method("tfkd_reg", config=TfKDRegConfig)
-class TfKDReg(Method):
+class TfKDReg(LogitMethod):
     """Yuan et al. CVPR 2020, no teacher: a hand-made virtual teacher's softened outputs (KL)
 
     Tf-KD_reg: (1 - alpha) * CE + alpha * T^2 * KL(p^d_T || softmax(s/T)) with the virtual
     teacher p^d = a on the true class and (1 - a)/(C - 1) elsewhere, softened as the paper
     describes (p^d^(1/T), renormalized), never by a softmax of the probabilities (see
     `kdexp.losses.tfkd_reg_loss`). No trained teacher."""
-    requires = Requirements(teacher="none", labels="required")
+    requires = Requirements(teacher="none", labels="required", fusable=True)
+    term_weights = {"ce": "w_ce", "reg": "alpha"}
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)
         if not 0.0 < cfg.correct_prob < 1.0:
             raise ConfigError(f"method.correct_prob={cfg.correct_prob} is out of range: must be in (0, 1)")
 
-    def losses(self, batch):
-        s, y = _labeled(self.student(batch.x), batch.y)
-        terms = self.ce(s, y)
-        if self.cfg.alpha:
-            terms["reg"] = self.cfg.alpha * tfkd_reg_loss(s, y, self.cfg.correct_prob, self.cfg.temperature)
-        return terms
+    def logit_terms(self, s, t, y, hp):
+        return {"ce": self.ce_term(s, y, hp),
+                "reg": hp["alpha"] * tfkd_reg_loss(s, y, self.cfg.correct_prob, hp["temperature"])}

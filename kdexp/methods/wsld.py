@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from kdexp.losses import weighted_kd_loss, wsld_weights
-from kdexp.methods.base import Method, Requirements, SofteningConfig, UNLABELED, register_method
+from kdexp.methods.base import LogitMethod, Requirements, SofteningConfig, UNLABELED, register_method
 
 
 @dataclass
@@ -18,7 +18,7 @@ class WSLDConfig(SofteningConfig):
 
 
 @register_method("wsld", config=WSLDConfig)
-class WSLD(Method):
+class WSLD(LogitMethod):
     """Zhou et al. ICLR 2021: the teacher's softened outputs, samples weighted by their CE ratio (KL)
 
     WSLD (Zhou et al. ICLR 2021, arXiv 2102.00650; authors' code
@@ -35,15 +35,11 @@ class WSLD(Method):
     The weights need a label: with a transfer set (dataset.label_fraction < 1) an unlabeled sample's
     label is the teacher's top class, so its weight compares the student with the teacher on the
     teacher's own prediction (CE on labels still sees the labeled samples only)."""
-    requires = Requirements(ignores=("beta",))
+    requires = Requirements(fusable=True, ignores=("beta",))
+    term_weights = {"ce": "w_ce", "wsl": "alpha"}
 
-    def losses(self, batch):
-        s = self.student(batch.x)
-        t = self.teacher.logits(batch)
-        terms = self.ce(s, batch.y)
-        if self.cfg.alpha:
-            target = torch.where(batch.y == UNLABELED, t.argmax(-1), batch.y)
-            weights = wsld_weights(s, t, target)
-            s_soft, t_soft = self.soft_inputs(s, t)
-            terms["wsl"] = self.cfg.alpha * weighted_kd_loss(s_soft, t_soft, self.cfg.temperature, weights)
-        return terms
+    def logit_terms(self, s, t, y, hp):
+        weights = wsld_weights(s, t, torch.where(y == UNLABELED, t.argmax(-1), y))
+        s_soft, t_soft = self.soft_inputs(s, t)
+        return {"ce": self.ce_term(s, y, hp), "wsl": hp["alpha"] * weighted_kd_loss(s_soft, t_soft, hp["temperature"],
+                                                                                     weights)}
