@@ -195,6 +195,23 @@ def help_config(schema: type, conf: Optional[str] = None) -> dict:
     }
 
 
+def help_page(schema: type) -> str:
+    """The text Hydra prints for `--help` with hydra/help=kdexp (the `help_config` template filled in:
+    its header, body, Hydra's flags, footer), rendered directly: Hydra lists every config group of
+    its own and of the app to fill $HYDRA_CONFIG_GROUPS / $APP_CONFIG_GROUPS whether the template
+    shows them or not, which takes ~6 s here (a repository copy per group)."""
+    import string
+
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import get_args_parser
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.create({"hydra": {"help": help_config(schema)}})
+    template = string.Template(OmegaConf.to_container(node, resolve=True)["hydra"]["help"]["template"])
+    return template.substitute(FLAGS_HELP=Hydra.format_args_help(get_args_parser()), HYDRA_CONFIG_GROUPS="",
+                               APP_CONFIG_GROUPS="", CONFIG="")
+
+
 # ------------------------------------------------------------------------------ listings
 def listing(kind: str, conf: Optional[str] = None) -> List[str]:
     """The lines of `python -m kdexp.catalog KIND` (KIND in KINDS; "all": every kind under a heading)."""

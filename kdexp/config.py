@@ -326,6 +326,14 @@ DATASET_SCHEMAS = {"fake": FakeDatasetConfig, "imagefolder": ImageFolderDatasetC
                    "custom": CustomDatasetConfig}
 
 
+# Hydra copies its config repository for every composition (CachingConfigRepository), and with it
+# the global ConfigStore that its structured-config source points to: every schema, every time.
+# Nothing reads that copy's nodes without copying them again (ConfigStore.load returns a deep copy
+# of the node it loads), so the one store can serve every copy. A third of each composition's time
+# (about 176 -> 122 ms here), which a sweep pays per job and --help per config group.
+ConfigStore.__deepcopy__ = lambda self, memo: self
+
+
 def register_configs() -> None:
     """Store the schemas in Hydra's ConfigStore. Method schemas come from the method
     registry. Also kdexp's --help (hydra/help=kdexp, selected in conf/config.yaml), built now from

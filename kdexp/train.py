@@ -91,6 +91,12 @@ def cli() -> None:
     script's sys.path starts with its own bin folder instead)."""
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    if sys.argv[1:] in (["--help"], ["-h"]):  # the same page as Hydra's, without its 6 s listing of groups
+        from kdexp.catalog import help_page
+        from kdexp.config import Config
+
+        print(help_page(Config))
+        return
     sys.argv = sweep_method_keys(sys.argv)
     main()
 

@@ -29,6 +29,10 @@ throughput does not depend on the values), batch 128, Adam, hardware=cpu, 1 torc
       every batch gathered from the memory map (a view above teacher.cache_max_gb)       <= 1.15
   (f) and (g) are wall-clock ratios whatever --clock says: the workers' CPU time is not this
   process's.
+  (h) `--device cuda`: instead of (a)-(g), the CIFAR-100 pair resnet32x4 -> resnet8x4 with
+      hardware=cuda (bf16 AMP, channels_last) on CIFAR-100-shaped data: cached KD epoch / CE epoch
+      and images/s (whole runs, wall clock); a fused sweep does not apply to this BatchNorm pair.
+      `--pair cifar100` runs it on the CPU (a check of its code path).                    reported
 
 Method: everything in this process after a warm-up. (a) and (b) alternate single epochs of
 kdexp's fit loop (the code `kdexp.train.run` times as time/epoch_s) for kd, ce and the
@@ -83,6 +87,11 @@ def parse_args():
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                    help="cpu (default): this process's CPU time, robust when other jobs share the cores; wall: elapsed")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the streamed runs in (f), (g)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: (h), the CIFAR-100 pair with hardware=cuda (bf16 AMP, channels_last), instead of (a)-(g)")
+    p.add_argument("--pair", choices=("demo", "cifar100"), default=None,
+                   help="demo: (a)-(g) on the Keras demo pair (default on cpu); cifar100: (h) on resnet32x4 -> resnet8x4 "
+                        "(default on cuda; on cpu it checks (h)'s code path, slowly)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--workdir", default=None, help="run directories and teacher cache (default: a temp dir)")
     return p.parse_args()
@@ -90,6 +99,7 @@ def parse_args():
 
 def torchdistill_cache():
     """torchdistill's teacher-output cache (its CacheableDataset), or None: 1.1.5 removed it."""
+    import torchvision.datasets  # noqa: F401  (torchdistill's dataset registry reads it at import)
     try:
         from torchdistill.datasets.wrapper import CacheableDataset
     except ImportError:
@@ -158,8 +168,9 @@ class Bench:
         self.results = []
 
     # -- configs and runs ------------------------------------------------------------------------
-    def cfg(self, *overrides, cache=None):
-        base = ["dataset=fake", "dataset.shape=[1,28,28]", "dataset.num_classes=10", f"dataset.train_size={self.n}",
+    def cfg(self, *overrides, cache=None, base=None):
+        """The composed config of a bench run: `base` (default: the demo pair's workload) + `overrides`."""
+        base = base if base is not None else ["dataset=fake", "dataset.shape=[1,28,28]", "dataset.num_classes=10", f"dataset.train_size={self.n}",
                 "dataset.val_size=1000", "teacher=cnn", "student=mlp", "batch_size=128", "eval_batch_size=1000",
                 "teacher.epochs=1", "teacher.batch_size=128", "hardware=cpu", f"hardware.threads={torch.get_num_threads()}",
                 "progress=false", f"epochs={self.epochs}", f"paths.cache_dir={cache or self.cache}",
@@ -172,10 +183,10 @@ class Bench:
         self.counter += 1
         return os.path.join(self.work, "runs", f"{self.counter:03d}-{name}")
 
-    def run(self, *overrides, cache=None):
+    def run(self, *overrides, cache=None, base=None):
         """One kdexp run through the entrypoint's run(); -> metrics.json."""
         d = self.run_dir("_".join(o.replace("/", "-") for o in overrides) or "default")
-        kdexp.train.run(self.cfg(*overrides, cache=cache), d, overrides)
+        kdexp.train.run(self.cfg(*overrides, cache=cache, base=base), d, overrides)
         with open(os.path.join(d, "metrics.json")) as f:
             return json.load(f)
 
@@ -412,20 +423,58 @@ class Bench:
                     f"{spread}; kd {med['kd_mapped'] * 1000:.0f} ms per epoch")
 
 
+    def h(self, device: str):
+        """(h) The CIFAR-100 pair (resnet32x4 -> resnet8x4, experiment=cifar100_resnet32x4_resnet8x4's
+        recipe on CIFAR-100-shaped fake data, unaugmented so that the teacher's outputs are cached) as
+        users run it on `device` (cuda: hardware=cuda, bf16 AMP, channels_last): whole runs, alternating
+        kd and ce, each run's median epoch after its first; images/s of cached KD, CE and online KD. A fused
+        sweep does not apply (the plan's reason is printed): resnet8x4 has BatchNorm, and fused
+        students train in float32."""
+        hardware = (["hardware=cuda", "hardware.amp=bf16", "hardware.channels_last=true"] if device == "cuda" else
+                    ["hardware=cpu", f"hardware.threads={torch.get_num_threads()}"])
+        n = self.n
+        base = ["experiment=cifar100_resnet32x4_resnet8x4", "dataset=fake", "dataset.shape=[3,32,32]",
+                "dataset.num_classes=100", f"dataset.train_size={n}", "dataset.val_size=1000", "dataset.augment=none",
+                "teacher.epochs=1", "eval_batch_size=1000", "progress=false", f"epochs={self.epochs}",
+                f"paths.cache_dir={self.cache}", f"paths.data_dir={self.work}/data", *hardware]
+        key = "time/epoch_s"  # wall clock: a GPU's work is not this process's CPU time
+        epochs = {"kd": [], "ce": [], "kd_online": []}
+        for r in range(2):
+            for name in (("kd", "ce") if r % 2 else ("ce", "kd")):
+                history = self.run(f"method={name}", base=base)["history"]
+                epochs[name].append(statistics.median(h[key] for h in history[1:] or history))
+        history = self.run("method=kd", "teacher.cache=false", base=base)["history"]
+        epochs["kd_online"].append(statistics.median(h[key] for h in history[1:] or history))
+        med = {k: statistics.median(v) for k, v in epochs.items()}
+        where = "cuda, bf16 AMP, channels_last" if device == "cuda" else "cpu"
+        self.report("h", f"CIFAR-100 pair resnet32x4 -> resnet8x4 on {where}: cached KD epoch / CE epoch (whole runs, "
+                    "median epoch)", med["kd"] / med["ce"], None, "reported",
+                    f"images/s: KD cached {n / med['kd']:,.0f}, CE {n / med['ce']:,.0f}, KD online "
+                    f"{n / med['kd_online']:,.0f}; {n} training images, batch 64, {self.epochs} epochs a run")
+        reason = plan(self.cfg("method=kd", base=base)).fuse_reason
+        print(f"(h) fused 8 / 8 runs: not applicable to this pair: {reason}", flush=True)
+
+
 def main():
     args = parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
     b = Bench(args)
-    print(f"kdexp bench: {b.n} samples 1x28x28, CNN teacher -> MLP student, batch 128, {b.epochs} epochs per run, "
+    pair = args.pair or ("cifar100" if args.device == "cuda" else "demo")
+    workload = ("3x32x32, resnet32x4 -> resnet8x4, batch 64" if pair == "cifar100" else
+                "1x28x28, CNN teacher -> MLP student, batch 128")
+    print(f"kdexp bench: {b.n} samples {workload}, {b.epochs} epochs per run, "
           f"{b.rounds} rounds, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
           f"{'CPU time' if b.cpu else 'wall time'}, workdir {b.work}", flush=True)
     t0 = time.perf_counter()
-    b.a_b()
-    b.c_d()
-    b.e()
-    b.f_g()
+    if pair == "cifar100":
+        b.h(args.device)
+    else:
+        b.a_b()
+        b.c_d()
+        b.e()
+        b.f_g()
     failed = [r["key"] for r in b.results if not r["pass"]]
     print(f"{len(b.results) - len(failed)}/{len(b.results)} ratios meet their targets"
           + (f"; missed: {', '.join(failed)}" if failed else "") + f" ({time.perf_counter() - t0:.0f} s)")

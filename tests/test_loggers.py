@@ -163,6 +163,7 @@ def test_tensorboard_folder_kept_on_resume_and_dropped_when_fresh(tmp_path):
 
 
 # ------------------------------------------------------------------------------ mlflow, wandb
+@pytest.mark.slow  # subprocesses end to end (~10 s): with the slow tests
 def test_mlflow_cli_one_run_with_params_metrics_artifacts(tmp_path):
     mlflow = pytest.importorskip("mlflow")
     uri = f"file://{tmp_path / 'mlruns'}"

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RUN = '''
@@ -23,6 +25,7 @@ run(cfg, sys.argv[1])
 '''
 
 
+@pytest.mark.slow  # subprocesses end to end (~10 s): with the slow tests
 def test_the_add_a_method_template_trains(tmp_path):
     readme = open(os.path.join(ROOT, "README.md")).read()
     template = readme.split("## Add a method", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]

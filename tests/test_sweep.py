@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import HPARAMS_TAGS, ROOT, tensorboard_run
 
 
+@pytest.mark.slow  # subprocesses end to end (~10 s): with the slow tests
 def test_two_methods_by_two_temperatures(tmp_path):
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "kdexp.train", "-m", "method=ce,kd", "method.temperature=2,8", "method.alpha=0.5",
@@ -37,6 +40,7 @@ def test_console_script_runs_from_any_directory(tmp_path):
     assert "name: kd" in out.stdout and "name: digits" in out.stdout
 
 
+@pytest.mark.slow  # subprocesses end to end (~10 s): with the slow tests
 def test_cli_errors_are_clear(tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "kdexp.train", *args, f"hydra.run.dir={tmp_path / 'r'}"],

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from hydra_plugins.kdexp_fused_sweeper.kdexp_sweeper import applicable_jobs
 
 from kdexp.engine.plan import plan
@@ -31,6 +33,7 @@ def test_probably_not_meant_configs_warn(compose_cfg):
     assert any("method.warmup_epochs=5 does not apply to method=kd" in w for w in kd.warnings)
 
 
+@pytest.mark.slow  # subprocesses end to end (~10 s): with the slow tests
 def test_a_sweep_across_methods_runs_and_each_job_says_what_did_not_apply(tmp_path):
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "kdexp.train", "-m", "method=dkd,kd", "method.warmup_epochs=1", "epochs=1",

@@ -262,6 +262,7 @@ def _val_acc(run_dir):
 RECIPE = ["epochs=2", "teacher.epochs=3"]
 
 
+@pytest.mark.slow  # subprocesses end to end (~10 s): with the slow tests
 def test_kd_with_your_models_from_the_working_directory(tmp_path):
     write_module(tmp_path)
     proc, run_dir = _train(tmp_path, "student=custom", "student.arch=mymodels:TinyNet", "+student.args.hidden=32",
