@@ -40,6 +40,7 @@ from omegaconf import OmegaConf
 
 from kdexp.data.stream import batches_of
 from kdexp.engine.assemble import assemble
+from kdexp.engine.evaluate import validation_metrics
 from kdexp.engine.fit import fit
 from kdexp.engine.hardware import Accelerator, select_device
 from kdexp.engine.plan import FUSABLE_KEYS, plan
@@ -50,7 +51,7 @@ from kdexp.engine.steppers import DivergedError
 from kdexp.engine.teacher_cache import take_fill_seconds
 from kdexp.errors import KdexpError
 from kdexp.losses import ce_loss, soft_kd_loss
-from kdexp.methods import UNLABELED, Batch
+from kdexp.methods import UNLABELED, Batch, Method
 from kdexp.seeding import derive_seed, seed_all
 
 log = logging.getLogger("kdexp")
@@ -216,6 +217,10 @@ class FusedStepper:
         self.on = {k: self.hp[w] != 0 for k, w in self.term_weights.items()}  # (N,): the term is in run i's loss
         self.rows = torch.arange(self.n, device=device).unsqueeze(1)
         self.soft = getattr(method, "soft_targets", None) is not None  # KD from the cache's softened targets
+        # validation is the students' val/acc and val/loss alone (one vmapped pass for all) unless the
+        # method evaluates more (kdexp.engine.evaluate.validation_metrics, per student)
+        self.plain_validation = (type(method).eval_models is Method.eval_models and
+                                 type(method).extra_metrics is Method.extra_metrics)
         self.t_table = None
         if self.soft:  # the cache's one-off pass: teacher time, before the first epoch
             self.p_table, self.negh_table = self._soft_tables([m.hp["temperature"] for m in self.methods])
@@ -314,10 +319,10 @@ class FusedStepper:
     def epoch_metrics(self, sums, timing, lr, accel) -> List[Optional[dict]]:
         """One metrics dict per student (None for a diverged one), after copying its weights back."""
         self._copy_back()
-        val = self._validation(self.plans[0].cfg.eval_batch_size)
+        val = self._validation(self.plans[0].cfg.eval_batch_size) if self.plain_validation else None
         share = {k: v / self.n for k, v in timing.items()}  # each run's share of the group's time
         out: List[Optional[dict]] = []
-        for i, (p, m) in enumerate(zip(self.plans, self.methods)):
+        for i in range(self.n):
             if not self.active[i]:
                 out.append(None)
                 continue
@@ -325,7 +330,8 @@ class FusedStepper:
             for k, on in self.on.items():
                 if bool(on[i]):
                     metrics[f"train/loss_{k}"] = sums[f"train/loss_{k}"][i]
-            metrics.update(val[i])
+            metrics.update(val[i] if val is not None else
+                           validation_metrics(self.methods[i], self.asm.data, accel, self.plans[i].cfg.eval_batch_size))
             metrics.update({"lr": lr, "time/epoch_s": share["time/epoch_s"],
                             "time/samples_per_s": len(self.asm.data.x_train) / share["time/epoch_s"],
                             "time/epoch_cpu_s": share["time/epoch_cpu_s"]})
