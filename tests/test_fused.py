@@ -133,16 +133,17 @@ def test_bn_students_fall_back_before_writing_anything(compose_cfg, tmp_path):
 
 @pytest.mark.slow  # subprocesses end to end: with the slow tests
 def test_fused_sweeper_from_the_command_line(tmp_path):
-    """hydra/sweeper=fused: kd jobs train as one group, dkd jobs run separately (and say why);
+    """hydra/sweeper=fused: kd jobs train as one group, ctkd jobs run separately (and say why: its
+    temperature is a trained parameter of the method);
     every job gets its run directory with .hydra/, metrics.json, TensorBoard and its log."""
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "kdexp.train", "-m", "hydra/sweeper=fused", "method=kd,dkd",
+    cmd = [sys.executable, "-m", "kdexp.train", "-m", "hydra/sweeper=fused", "method=kd,ctkd",
            "method.temperature=2,8", "epochs=1", "teacher.epochs=2", f"hydra.sweep.dir={sweep}",
            f"paths.cache_dir={tmp_path / 'cache'}"]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]
-    assert "fused group of 2 kd students" in log and "runs separately: method=dkd" in log
+    assert "fused group of 2 kd students" in log and "runs separately: method=ctkd" in log
     runs = sorted(p.parent for p in sweep.rglob("metrics.json"))
     assert len(runs) == 4
     by_method = {}
@@ -152,7 +153,7 @@ def test_fused_sweeper_from_the_command_line(tmp_path):
         assert (r / ".hydra" / "overrides.yaml").is_file() and list((r / "tb").glob("events.out.tfevents*"))
         by_method.setdefault(m["hparams"]["method.name"], []).append((r, m))
     assert all(m["fused"]["group_size"] == 2 and (r / "train.log").is_file() for r, m in by_method["kd"])
-    assert all("fused" not in m for _, m in by_method["dkd"])
+    assert all("fused" not in m for _, m in by_method["ctkd"])
     sources = sorted(m["teacher"]["source"] for ms in by_method.values() for _, m in ms)
     assert sources == ["cache", "cache", "cache", "trained"]  # one teacher training for the sweep
     assert "epoch 1/1" in (by_method["kd"][0][0] / "train.log").read_text()
