@@ -89,41 +89,40 @@ def _minus_ones(like: torch.Tensor) -> torch.Tensor:
 
 class _SoftKDCE(torch.autograd.Function):
     """(w_ce * CE, alpha * T^2 * KL(p || softmax(s/T))) with closed-form gradients, from the
-    teacher's softened probabilities p and their sum p log p: one autograd node for both terms.
-    Written for few ops per step (a cached KD step is mostly per-op overhead on small students): the
-    tensors the backward needs are kept on ctx (no saved-tensor bookkeeping: first-order only, and
-    nothing modifies them in place), and it builds the gradient with in-place ops on its own tensors."""
+    teacher's softened probabilities p and their sum p log p: one autograd node for both terms."""
 
     @staticmethod
     def forward(ctx, s, y, p, neg_entropy, temperature, w_ce, alpha, ignore_index, all_labeled):
         b = s.shape[0]
         log_q = torch.log_softmax(s * (1.0 / temperature), dim=-1)
         kd = (neg_entropy.sum() - torch.dot(p.reshape(-1), log_q.reshape(-1))) * (alpha * temperature ** 2 / b)
-        ctx.kd_scale, ctx.log_q, ctx.p, ctx.log_p = alpha * temperature / b, log_q, p, None
+        ctx.c = (alpha * temperature / b, w_ce, ignore_index, all_labeled)
         if not w_ce:
+            ctx.save_for_backward(log_q, p)
             return torch.zeros_like(kd), kd
         log_p = torch.log_softmax(s, dim=-1)
-        ctx.log_p, ctx.y = log_p, y
-        ctx.w_ce = w_ce
         if all_labeled:  # n = b: no count, no ignore_index
-            ctx.n, ctx.keep = float(b), None
+            ctx.n = float(b)
+            ctx.save_for_backward(log_q, p, log_p, y)
             return F.nll_loss(log_p, y, reduction="sum") * (w_ce / b), kd
-        ctx.n = (y != ignore_index).sum().clamp_min(1).to(s.dtype)
-        ctx.keep = (y != ignore_index).unsqueeze(1)
-        return F.nll_loss(log_p, y, ignore_index=ignore_index, reduction="sum") * w_ce / ctx.n, kd
+        n = (y != ignore_index).sum().clamp_min(1).to(s.dtype)
+        ctx.save_for_backward(log_q, p, log_p, y, n)
+        return F.nll_loss(log_p, y, ignore_index=ignore_index, reduction="sum") * w_ce / n, kd
 
     @staticmethod
     def backward(ctx, g_ce, g_kd):
-        # out of place on ctx's tensors: DOT (optim.name=dot) backwards each term through this node in turn
-        grad = (ctx.log_q.exp() - ctx.p) * (g_kd * ctx.kd_scale)  # alpha T (softmax(s/T) - p) / b
-        if ctx.log_p is not None:
-            g = ctx.log_p.exp()  # softmax(s) - one_hot(y), on the labeled rows
-            if ctx.keep is None:
-                g.scatter_add_(1, ctx.y.unsqueeze(1), _minus_ones(g))
-                grad.add_(g.mul_(g_ce * (ctx.w_ce / ctx.n)))
+        kd_scale, w_ce, ignore_index, all_labeled = ctx.c
+        log_q, p = ctx.saved_tensors[:2]
+        grad = (log_q.exp() - p) * (g_kd * kd_scale)
+        if w_ce:
+            log_p, y = ctx.saved_tensors[2:4]
+            g = log_p.exp()  # softmax(s) - one_hot(y), on the labeled rows
+            if all_labeled:
+                g.scatter_add_(1, y.unsqueeze(1), _minus_ones(g))
+                grad = grad + g * (g_ce * (w_ce / ctx.n))
             else:
-                g.scatter_add_(1, ctx.y.clamp_min(0).unsqueeze(1), _minus_ones(g)).mul_(ctx.keep)
-                grad.add_(g.mul_(g_ce * ctx.w_ce / ctx.n))
+                g.scatter_add_(1, y.clamp_min(0).unsqueeze(1), _minus_ones(g))
+                grad = grad + g * (y != ignore_index).unsqueeze(1) * (g_ce * w_ce / ctx.saved_tensors[4])
         return grad, None, None, None, None, None, None, None, None
 
 

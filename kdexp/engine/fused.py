@@ -212,9 +212,8 @@ class FusedStepper:
         self.shapes = [self.stacked[n].shape for n in self.names]
         device = asm.data.x_train.device
         method = self.methods[0]
-        self.term_weights = method.term_weights
         self.hp = {k: torch.tensor([float(m.hp[k]) for m in self.methods], device=device) for k in method.hp}
-        self.on = {k: self.hp[w] != 0 for k, w in self.term_weights.items()}  # (N,): the term is in run i's loss
+        self.on = {k: self.hp[w] != 0 for k, w in method.term_weights.items()}  # (N,): the term is in run i's loss
         self.rows = torch.arange(self.n, device=device).unsqueeze(1)
         self.soft = getattr(method, "soft_targets", None) is not None  # KD from the cache's softened targets
         # validation is the students' val/acc and val/loss alone (one vmapped pass for all) unless the

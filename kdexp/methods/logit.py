@@ -46,20 +46,20 @@ class KD(LogitMethod):
 
     def __init__(self, cfg, student, teacher=None):
         super().__init__(cfg, student, teacher)
-        self.alpha, self.temperature = self.hp["alpha"], self.hp["temperature"]
         # the teacher-output cache's softened probabilities per T, if any (standardized logits have
         # none: their teacher logits come from the cache)
         soft = getattr(teacher, "soft_targets", None)
         self.soft_targets = None if self.logit_standardize else soft
 
     def losses(self, batch):
-        if not (self.alpha and self.soft_targets is not None):
+        hp = self.hp
+        if not (hp["alpha"] and self.soft_targets is not None):
             return super().losses(batch)
         # teacher-output cache: softened probabilities cached per T; both terms in one autograd
         # node (same values and gradients as `logit_terms`)
         s = self.student(batch.x)
-        p, neg_entropy = self.soft_targets(batch, self.temperature)
-        ce, kd = kd_ce_loss_soft(s, batch.y, p, neg_entropy, self.temperature, self.w_ce or 0.0, self.alpha,
+        p, neg_entropy = self.soft_targets(batch, hp["temperature"])
+        ce, kd = kd_ce_loss_soft(s, batch.y, p, neg_entropy, hp["temperature"], hp["w_ce"], hp["alpha"],
                                  UNLABELED, all_labeled=batch.labeled is None)
         return {"ce": ce, "kd": kd} if self.w_ce else {"kd": kd}
 
