@@ -30,6 +30,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from kdexp.engine.optimizers import EagerOptimizer
+
 TASK_TERM = "ce"  # the task loss term's name (Method.ce); every other term is distillation
 
 
@@ -47,7 +49,7 @@ def _slot(p: torch.Tensor) -> torch.Tensor:
     return p.detach().requires_grad_(p.requires_grad)
 
 
-class DOT(torch.optim.Optimizer):
+class DOT(EagerOptimizer):
     """SGD with separate task and distillation momentum buffers (module docstring). `params` as
     for torch.optim.SGD (tensors or groups, a group may set its own lr/weight_decay)."""
 

@@ -2,6 +2,7 @@
 import torch
 
 from kdexp.engine.dot import DOT
+from kdexp.engine.optimizers import SGD, Adam
 
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
@@ -12,11 +13,8 @@ def build_optimizer(params, cfg) -> torch.optim.Optimizer:
     if cfg.name == "dot":
         return DOT(params, lr=cfg.lr, momentum=cfg.momentum, delta=cfg.delta, weight_decay=cfg.weight_decay)
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    return Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, decoupled=cfg.name == "adamw")
 
 
 def build_scheduler(optimizer, cfg, epochs: int, steps_per_epoch: int = 1):
