@@ -88,12 +88,7 @@ class DOT(EagerOptimizer):
         if task is not None:
             scale(task).backward()
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def update_groups(self):  # under EagerOptimizer.step's no_grad
         for group, pairs in self.pairs():
             beta, delta, wd, lr = group["momentum"], group["delta"], group["weight_decay"], group["lr"]
             for p, slot in pairs:
@@ -108,7 +103,6 @@ class DOT(EagerOptimizer):
                     key, g, m = grads[0]
                     grads[0] = (key, g.add(p, alpha=wd), m)
                 p.add_(sum(self._buffer(p, key, g, m) for key, g, m in grads), alpha=-lr)
-        return loss
 
     def _buffer(self, p, key: str, grad: torch.Tensor, momentum: float) -> torch.Tensor:
         state = self.state[p]

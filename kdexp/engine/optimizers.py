@@ -18,24 +18,32 @@ def _eager(fn):
 
 class EagerOptimizer(torch.optim.Optimizer):
     """torch.optim.Optimizer without its torch._dynamo hooks (module docstring). A subclass
-    writes `step` under torch.no_grad()."""
+    writes `update`, the step of one parameter group (DOT, kdexp.engine.dot: `update_groups`)."""
 
     add_param_group = _eager(torch.optim.Optimizer.add_param_group)
     zero_grad = _eager(torch.optim.Optimizer.zero_grad)
     state_dict = _eager(torch.optim.Optimizer.state_dict)
     load_state_dict = _eager(torch.optim.Optimizer.load_state_dict)
 
-    def _with_grads(self, group):
-        """The group's parameters that have a gradient this step, and those gradients."""
-        params = [p for p in group["params"] if p.grad is not None]
-        return params, [p.grad for p in params]
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.update_groups()
+        return loss
 
+    def update_groups(self) -> None:
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]  # torch's rule: no gradient, no step
+            if params:
+                self.update(group, params, [p.grad for p in params])
 
-def _closure_loss(closure):
-    if closure is None:
-        return None
-    with torch.enable_grad():
-        return closure()
+    def update(self, group: dict, params, grads) -> None:
+        """One step of `group` (under no_grad): `params` are its parameters with a gradient,
+        `grads` their gradients, in place of whatever the group holds."""
+        raise NotImplementedError(f"{type(self).__name__} defines no update")
 
 
 class Adam(EagerOptimizer):
@@ -52,31 +60,24 @@ class Adam(EagerOptimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       decoupled_weight_decay=decoupled))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = _closure_loss(closure)
-        for group in self.param_groups:
-            params, grads = self._with_grads(group)
-            if not params:
-                continue
-            states = [self._state(p) for p in params]
-            (beta1, beta2), lr, wd, eps = group["betas"], group["lr"], group["weight_decay"], group["eps"]
-            steps = [s["step"] for s in states]
-            exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-            torch._foreach_add_(steps, 1)
-            if wd and group["decoupled_weight_decay"]:
-                torch._foreach_mul_(params, 1 - lr * wd)
-            elif wd:
-                grads = torch._foreach_add(grads, params, alpha=wd)
-            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-            torch._foreach_mul_(exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-            counts = [s.item() for s in steps]  # steps live on the CPU (as torch's): no device sync
-            denom = torch._foreach_sqrt(exp_avg_sqs)
-            torch._foreach_div_(denom, [(1 - beta2 ** n) ** 0.5 for n in counts])
-            torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(params, exp_avgs, denom, [-(lr / (1 - beta1 ** n)) for n in counts])
-        return loss
+    def update(self, group, params, grads):
+        states = [self._state(p) for p in params]
+        (beta1, beta2), lr, wd, eps = group["betas"], group["lr"], group["weight_decay"], group["eps"]
+        steps = [s["step"] for s in states]
+        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        torch._foreach_add_(steps, 1)
+        if wd and group["decoupled_weight_decay"]:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        elif wd:
+            grads = torch._foreach_add(grads, params, alpha=wd)
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        counts = [s.item() for s in steps]  # steps live on the CPU (as torch's): no device sync
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, [(1 - beta2 ** n) ** 0.5 for n in counts])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, exp_avgs, denom, [-(lr / (1 - beta1 ** n)) for n in counts])
 
     def _state(self, p):
         state = self.state[p]
@@ -97,27 +98,20 @@ class SGD(EagerOptimizer):
                              f"and nesterov={nesterov} needs momentum > 0")
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = _closure_loss(closure)
-        for group in self.param_groups:
-            params, grads = self._with_grads(group)
-            if not params:
-                continue
-            momentum, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
-            if wd:
-                grads = torch._foreach_add(grads, params, alpha=wd)
-            if momentum:
-                states = [self.state[p] for p in params]
-                old = [(s["momentum_buffer"], g) for s, g in zip(states, grads) if s.get("momentum_buffer") is not None]
-                if old:
-                    torch._foreach_mul_([b for b, _ in old], momentum)
-                    torch._foreach_add_([b for b, _ in old], [g for _, g in old])
-                for s, g in zip(states, grads):
-                    if s.get("momentum_buffer") is None:
-                        s["momentum_buffer"] = g.detach().clone()
-                bufs = [s["momentum_buffer"] for s in states]
-                grads = torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
-            torch._foreach_add_(params, grads, alpha=-lr)
-        return loss
+    def update(self, group, params, grads):
+        momentum, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
+        if wd:
+            grads = torch._foreach_add(grads, params, alpha=wd)
+        if momentum:
+            states = [self.state[p] for p in params]
+            old = [(s["momentum_buffer"], g) for s, g in zip(states, grads) if s.get("momentum_buffer") is not None]
+            if old:
+                torch._foreach_mul_([b for b, _ in old], momentum)
+                torch._foreach_add_([b for b, _ in old], [g for _, g in old])
+            for s, g in zip(states, grads):
+                if s.get("momentum_buffer") is None:
+                    s["momentum_buffer"] = g.detach().clone()
+            bufs = [s["momentum_buffer"] for s in states]
+            grads = torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
+        torch._foreach_add_(params, grads, alpha=-lr)
 
