@@ -18,7 +18,9 @@ def _eager(fn):
 
 class EagerOptimizer(torch.optim.Optimizer):
     """torch.optim.Optimizer without its torch._dynamo hooks (module docstring). A subclass
-    writes `update`, the step of one parameter group (DOT, kdexp.engine.dot: `update_groups`)."""
+    writes `update(group, params, grads)`, one step of a parameter group under no_grad: `params`
+    are the group's parameters that have a gradient, `grads` those gradients (DOT,
+    kdexp.engine.dot, steps parameter pairs instead: it writes `update_groups`)."""
 
     add_param_group = _eager(torch.optim.Optimizer.add_param_group)
     zero_grad = _eager(torch.optim.Optimizer.zero_grad)
@@ -39,11 +41,6 @@ class EagerOptimizer(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]  # torch's rule: no gradient, no step
             if params:
                 self.update(group, params, [p.grad for p in params])
-
-    def update(self, group: dict, params, grads) -> None:
-        """One step of `group` (under no_grad): `params` are its parameters with a gradient,
-        `grads` their gradients, in place of whatever the group holds."""
-        raise NotImplementedError(f"{type(self).__name__} defines no update")
 
 
 class Adam(EagerOptimizer):
@@ -114,4 +111,3 @@ class SGD(EagerOptimizer):
             bufs = [s["momentum_buffer"] for s in states]
             grads = torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
         torch._foreach_add_(params, grads, alpha=-lr)
-
