@@ -89,26 +89,31 @@ def test_soft_targets_are_the_softened_teacher_distribution():
 
 
 @pytest.mark.parametrize("with_unlabeled", [False, True])
-def test_kd_ce_loss_soft_matches_ce_plus_kd(with_unlabeled):
+@pytest.mark.parametrize("b, c, w_ce", [(12, 6, 0.3), (12, 20, 0.3), (12, 6, 0.0), (1, 6, 0.3)])
+def test_kd_ce_loss_soft_matches_ce_plus_kd(with_unlabeled, b, c, w_ce):
+    # 6 classes: the node's classes-first layout on the CPU; 20: the row-wise one; b=1: a (1, C)
+    # batch, whose transpose is already contiguous
     torch.manual_seed(0)
-    s = torch.randn(12, 6, dtype=torch.float64, requires_grad=True)
-    t = torch.randn(12, 6, dtype=torch.float64)
-    y = torch.randint(0, 6, (12,))
+    s = torch.randn(b, c, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(b, c, dtype=torch.float64)
+    y = torch.randint(0, c, (b,))
     if with_unlabeled:
-        y[:4] = UNLABELED
-    T, w_ce, alpha = 2.5, 0.3, 0.7
+        y[:b // 3] = UNLABELED
+    T, alpha = 2.5, 0.7
     p = torch.softmax(t / T, 1)
+    s_before = s.detach().clone()
     ce, kd = kd_ce_loss_soft(s, y, p, (p * p.log()).sum(1), T, w_ce, alpha, UNLABELED, all_labeled=not with_unlabeled)
     # reference written differently: one-hot CE over the labeled rows, F.kl_div on log-probabilities
     keep = y != UNLABELED
-    one_hot = F.one_hot(y[keep], 6).double()
+    one_hot = F.one_hot(y[keep], c).double()
     ref_ce = w_ce * -(one_hot * torch.log_softmax(s[keep], 1)).sum() / keep.sum()
     ref_kd = alpha * T * T * F.kl_div(torch.log_softmax(s / T, 1), torch.log_softmax(t / T, 1), reduction="batchmean",
                                       log_target=True)
     assert torch.allclose(ce, ref_ce) and torch.allclose(kd, ref_kd)
     g, = torch.autograd.grad(2 * ce + 3 * kd, s)
     ref_g, = torch.autograd.grad(2 * ref_ce + 3 * ref_kd, s)
-    assert torch.allclose(g, ref_g, atol=1e-12)
+    assert g.shape == s.shape and torch.allclose(g, ref_g, atol=1e-12)
+    assert torch.equal(s.detach(), s_before)  # the logits are not written in place
 
 
 def test_cache_flag_is_not_part_of_the_teacher_key(compose_cfg):
