@@ -62,36 +62,11 @@ def ce_loss(logits: torch.Tensor, labels: torch.Tensor, weight=1.0, ignore_index
     return weight * per.view(labels.shape).sum(-1) / n
 
 
-def soft_kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, teacher_neg_entropy: torch.Tensor,
-                 temperature, weight=1.0) -> torch.Tensor:
-    """weight * kd_loss from the teacher's softened distribution p = softmax(t/T) and its negative
-    entropy sum_c p log p instead of its logits (what the teacher-output cache serves per T):
-    weight * T^2 * mean_b (sum p log p - sum p log softmax(s/T)). Shapes: student_logits and
-    teacher_probs (..., B, C), teacher_neg_entropy (..., B) -> (...); `temperature` and `weight` are
-    floats or tensors of shape (...) (one per fused student). Written out instead of F.kl_div,
-    which has no vmap batching rule."""
-    t = torch.as_tensor(temperature, dtype=student_logits.dtype, device=student_logits.device)
-    log_q = torch.log_softmax(student_logits / t.view(*t.shape, 1, 1), dim=-1)
-    return weight * t ** 2 * (teacher_neg_entropy - (teacher_probs * log_q).sum(-1)).mean(-1)
+_CONSTANTS = {}  # made-once tensors of the KD node (kd_ce_loss_soft), by value, dtype and device
 
 
-_CONSTANTS = {}
-
-
-def _constant(value: float, like: torch.Tensor) -> torch.Tensor:
-    """`value` as a 0-dim tensor of like's dtype and device, made once: multiplying by a Python float
-    wraps it into a new tensor every call (about 3 us of a CPU step's 1 us multiply)."""
-    key = (value, like.dtype, like.device)
-    c = _CONSTANTS.get(key)
-    if c is None:
-        if len(_CONSTANTS) > 1024:  # a sweep in one process: many temperatures and batch sizes
-            _CONSTANTS.clear()
-        c = _CONSTANTS[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
-    return c
-
-
-def _minus_ones(shape: Tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-    """A (B, 1) or (1, B) tensor of -1 (made once: the CE gradient's one-hot subtraction runs every step)."""
+def _minus_ones(shape: Tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A tensor of -1 of `shape` (made once: the CE gradient's one-hot subtraction runs every step)."""
     key = (shape, like.dtype, like.device)
     ones = _CONSTANTS.get(key)
     if ones is None:
@@ -108,71 +83,114 @@ def classes_first(logits: torch.Tensor) -> bool:
     return logits.device.type == "cpu" and logits.shape[-1] < 16
 
 
+def _kd_ce_factors(temperature, w_ce, alpha, b: int, all_labeled: bool, like: torch.Tensor):
+    """The KD node's factors (1/T, alpha T^2 / B, alpha T / B, the CE gradient's w_ce (/ B when
+    every sample is labeled), the CE value's -w_ce / B), for (..., B, C) tensors: from floats made
+    once per (T, w_ce, alpha, B) as 0-dim tensors (multiplying by a Python float wraps it into a
+    new tensor every call, about 3 us on the CPU against 1 us for the multiply); from tensors of
+    shape (...) (one value per fused student) viewed as (..., 1, 1) where they scale (..., B, C)."""
+    if isinstance(temperature, torch.Tensor):
+        def rows(v):
+            return v.view(*v.shape, 1, 1) if isinstance(v, torch.Tensor) else v
+
+        return (rows(1.0 / temperature), alpha * temperature ** 2 / b, rows(alpha * temperature / b),
+                rows(w_ce / b if all_labeled else w_ce), -w_ce / b)
+    key = (temperature, w_ce, alpha, b, all_labeled, like.dtype, like.device)
+    factors = _CONSTANTS.get(key)
+    if factors is None:
+        if len(_CONSTANTS) > 1024:  # a long sweep in one process: many temperatures and batch sizes
+            _CONSTANTS.clear()
+        values = (1.0 / temperature, alpha * temperature ** 2 / b, alpha * temperature / b,
+                  w_ce / b if all_labeled else w_ce, -w_ce / b)
+        factors = _CONSTANTS[key] = tuple(torch.tensor(v, dtype=like.dtype, device=like.device) for v in values)
+    return factors
+
+
+def _swap(x: torch.Tensor) -> torch.Tensor:
+    """(..., B, C) <-> (..., C, B) as a view (`t()` for 2-d: the cheaper call)."""
+    return x.t() if x.dim() == 2 else x.transpose(-1, -2)
+
+
+def _as_factor(g: torch.Tensor) -> torch.Tensor:
+    """An output's gradient, () or (N,), as a factor of (..., B, C) tensors."""
+    return g.view(*g.shape, 1, 1) if g.dim() else g
+
+
 class _SoftKDCE(torch.autograd.Function):
     """(w_ce * CE, alpha * T^2 * KL(p || softmax(s/T))) with closed-form gradients, from the
     teacher's softened probabilities p and their sum p log p: one autograd node for both terms.
-    Internally the logits are (C, B) where `classes_first` says so: the softmaxes run over the
-    class dim `cd` of that layout, and the gradient goes back as a transposed view."""
+    Internally the logits are (..., C, B) where `classes_first` says so: the softmaxes run over
+    the class dim `cd` of that layout, and the gradient goes back as a transposed view. The
+    hyperparameters are floats, or tensors of shape (...) (`_per_group`)."""
 
     @staticmethod
     def forward(ctx, s, y, p, neg_entropy, temperature, w_ce, alpha, ignore_index, all_labeled):
-        b = s.shape[0]
+        b = s.shape[-2]
         major = classes_first(s)
-        cd = 0 if major else 1
-        x = s.t().contiguous() if major else s
-        p = p.t() if major else p  # in x's layout (a view)
-        log_q = torch.log_softmax(x * _constant(1.0 / temperature, s), cd)
-        kd = (neg_entropy.sum() - (p * log_q).sum()).mul_(_constant(alpha * temperature ** 2 / b, s))
-        ctx.c = (alpha * temperature / b, w_ce, all_labeled, major)
-        if not w_ce:
+        cd = -2 if major else -1
+        x = _swap(s).contiguous() if major else s
+        p = _swap(p) if major else p  # in x's layout (a view)
+        inv_t, kd_value, kd_grad, ce_grad, ce_value = _kd_ce_factors(temperature, w_ce, alpha, b, all_labeled, s)
+        log_q = torch.log_softmax(x * inv_t, cd)
+        both = (-2, -1)
+        kd = (neg_entropy.sum(-1) - (p * log_q).sum(both)).mul_(kd_value)
+        unweighted = not isinstance(w_ce, torch.Tensor) and not w_ce
+        ctx.c = (kd_grad, None if unweighted else ce_grad, all_labeled, major)
+        if unweighted:
             ctx.save_for_backward(log_q, p)
             return torch.zeros_like(kd), kd
         log_p = torch.log_softmax(x, cd)
-        y = y.view(1, -1) if major else y.view(-1, 1)  # an index along cd
+        y = y.unsqueeze(cd)  # an index along cd
         if all_labeled:  # n = b: no count, no ignore_index
             ctx.save_for_backward(log_q, p, log_p, y)
-            return log_p.gather(cd, y).sum().mul_(_constant(-w_ce / b, s)), kd
+            return log_p.gather(cd, y).sum(both).mul_(ce_value), kd
         labeled = y != ignore_index
         y = y.clamp_min(0)
-        n = labeled.sum().clamp_min(1).to(s.dtype)
+        n = labeled.sum(both).clamp_min(1).to(s.dtype)
         ctx.save_for_backward(log_q, p, log_p, y, labeled, n)
-        ce = torch.where(labeled, log_p.gather(cd, y), torch.zeros((), dtype=s.dtype, device=s.device)).sum()
+        ce = torch.where(labeled, log_p.gather(cd, y), torch.zeros((), dtype=s.dtype, device=s.device)).sum(both)
         return ce * -w_ce / n, kd
 
     @staticmethod
     def backward(ctx, g_ce, g_kd):
-        kd_scale, w_ce, all_labeled, major = ctx.c
+        kd_scale, ce_scale, all_labeled, major = ctx.c
         saved = ctx.saved_tensors  # unpacked once: each access re-creates the tensors
         log_q, p = saved[:2]
-        grad = (log_q.exp() - p).mul_(g_kd).mul_(_constant(kd_scale, log_q))  # alpha T (softmax(s/T) - p) / B
-        if w_ce:
+        grad = (log_q.exp() - p).mul_(_as_factor(g_kd)).mul_(kd_scale)  # alpha T (softmax(s/T) - p) / B
+        if ce_scale is not None:
             log_p, y = saved[2:4]
-            cd = 0 if major else 1
+            cd = -2 if major else -1
             g = log_p.exp().scatter_add_(cd, y, _minus_ones(tuple(y.shape), log_p))  # softmax(s) - one_hot(y)
-            if all_labeled:
-                grad = torch.addcmul(grad, g, g_ce, value=w_ce / y.numel())
+            if all_labeled:  # ce_scale = w_ce / B
+                grad = torch.addcmul(grad, g.mul_(ce_scale), _as_factor(g_ce))
             else:  # on the labeled samples, over their count n
                 labeled, n = saved[4:]
-                grad = grad + g * labeled * (g_ce * w_ce / n)
-        return grad.t() if major else grad, None, None, None, None, None, None, None, None
+                grad = grad + g * labeled * (_as_factor(g_ce) * ce_scale / _as_factor(n))
+        return _swap(grad) if major else grad, None, None, None, None, None, None, None, None
 
 
 def kd_ce_loss_soft(student_logits: torch.Tensor, labels: torch.Tensor, teacher_probs: torch.Tensor,
-                    teacher_neg_entropy: torch.Tensor, temperature: float, w_ce: float, alpha: float,
+                    teacher_neg_entropy: torch.Tensor, temperature, w_ce, alpha,
                     ignore_index: int = -1, all_labeled: bool = False):
     """KD's two terms at once -> (w_ce * CE, alpha * kd_loss(s, t, T)), given the teacher's softened
     distribution p = softmax(t/T) (B, C) and its negative entropy sum_c p log p (B,) instead of its
     logits t: what the teacher-output cache serves per temperature (kdexp.engine.teacher_cache), so
     a step does no teacher-side softmax (KL(p || q) = sum p log p - sum p log q).
 
-    CE is the mean over the labeled samples (labels != ignore_index; 0 when there are none), as
-    `Method.ce`; `all_labeled=True` promises there is no ignore_index label (skips the count).
-    Values and gradients equal `w_ce * CE + alpha * kd_loss` to float rounding; the gradients are
-    the closed forms w_ce * (softmax(s) - one_hot(y)) / n + alpha * T * (softmax(s/T) - p) / B in one
-    autograd node, which makes a cached KD step cost about what a CE step costs. w_ce=0: the CE
-    output is 0 (not computed). First-order only (no double backward)."""
-    return _SoftKDCE.apply(student_logits, labels, teacher_probs, teacher_neg_entropy, float(temperature),
-                           float(w_ce), float(alpha), int(ignore_index), bool(all_labeled))
+    Shapes: logits and p (..., B, C), labels and the negative entropy (..., B) -> two (...):
+    leading dims are independent groups (the students of a fused sweep), and `temperature`,
+    `w_ce`, `alpha` floats or tensors of shape (...). CE is the mean over the labeled samples
+    (labels != ignore_index; 0 when there are none), as `Method.ce`; `all_labeled=True` promises
+    there is no ignore_index label (skips the count). Values and gradients equal
+    `w_ce * CE + alpha * kd_loss` to float rounding; the gradients are the closed forms
+    w_ce * (softmax(s) - one_hot(y)) / n + alpha * T * (softmax(s/T) - p) / B in one autograd node,
+    which makes a cached KD step cost about what a CE step costs. A float w_ce=0: the CE output is
+    0 (not computed). First-order only (no double backward)."""
+    def scalar(v):
+        return v if isinstance(v, torch.Tensor) else float(v)
+
+    return _SoftKDCE.apply(student_logits, labels, teacher_probs, teacher_neg_entropy, scalar(temperature),
+                           scalar(w_ce), scalar(alpha), int(ignore_index), bool(all_labeled))
 
 
 # ---------------------------------------------------------------------------------------

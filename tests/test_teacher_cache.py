@@ -116,6 +116,32 @@ def test_kd_ce_loss_soft_matches_ce_plus_kd(with_unlabeled, b, c, w_ce):
     assert torch.equal(s.detach(), s_before)  # the logits are not written in place
 
 
+@pytest.mark.parametrize("with_unlabeled", [False, True])
+@pytest.mark.parametrize("c", [6, 20])
+def test_kd_ce_loss_soft_groups_equal_their_separate_calls(with_unlabeled, c):
+    # a fused sweep's (N, B, C) call with one (T, w_ce, alpha) per group = N separate calls
+    torch.manual_seed(1)
+    n, b = 3, 10
+    s = torch.randn(n, b, c, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, c, (n, b))
+    if with_unlabeled:
+        y[:, :3] = UNLABELED
+    T, w_ce, alpha = [1.0, 2.0, 4.0], [0.5, 0.0, 1.0], [0.5, 1.0, 0.25]
+    p = torch.stack([torch.softmax(torch.randn(b, c, dtype=torch.float64) / t, 1) for t in T])
+    h = (p * p.log()).sum(-1)
+    hp = [torch.tensor(v, dtype=torch.float64) for v in (T, w_ce, alpha)]
+    ce, kd = kd_ce_loss_soft(s, y, p, h, *hp, UNLABELED, all_labeled=not with_unlabeled)
+    weights = torch.tensor([2.0, 3.0, 0.5], dtype=torch.float64)
+    g, = torch.autograd.grad((weights * (ce + kd)).sum(), s)
+    for i in range(n):
+        si = s[i].detach().requires_grad_(True)
+        ce_i, kd_i = kd_ce_loss_soft(si, y[i], p[i], h[i], T[i], w_ce[i], alpha[i], UNLABELED,
+                                     all_labeled=not with_unlabeled)
+        g_i, = torch.autograd.grad(weights[i] * (ce_i + kd_i), si)
+        assert torch.allclose(ce[i], ce_i) and torch.allclose(kd[i], kd_i)
+        assert torch.allclose(g[i], g_i, atol=1e-12)
+
+
 def test_cache_flag_is_not_part_of_the_teacher_key(compose_cfg):
     from kdexp.data import load_dataset
 

@@ -50,7 +50,7 @@ from kdexp.engine.source import InMemorySource, StackedSource
 from kdexp.engine.steppers import DivergedError
 from kdexp.engine.teacher_cache import take_fill_seconds
 from kdexp.errors import KdexpError
-from kdexp.losses import ce_loss, soft_kd_loss
+from kdexp.losses import kd_ce_loss_soft
 from kdexp.methods import UNLABELED, Batch, Method
 from kdexp.seeding import derive_seed, seed_all
 
@@ -194,7 +194,7 @@ class FusedStepper:
     tensor, the teacher's logits gathered from the cache's table of every training sample; a term
     whose weight is 0 for a student is left out of its loss and its metrics, as in its separate run.
     KD with the teacher-output cache (kd, tfkd_self) takes the cache's softened probabilities per T
-    instead (`soft_kd_loss` on (N, B, C): no teacher softmax per step), as its separate run does."""
+    instead (`kd_ce_loss_soft` on (N, B, C): no teacher softmax per step), as its separate run does."""
 
     def __init__(self, asm, plans, recorders: List[Recorder], labels: List[str], indices: List[int]):
         from torch.func import functional_call, vmap
@@ -275,8 +275,9 @@ class FusedStepper:
         else:
             p, neg_h = self.p_table[self.rows, batch.idx], self.negh_table[self.rows, batch.idx]
         y = batch.y.expand(self.n, -1) if shared else batch.y
-        return {"ce": ce_loss(logits, y, self.hp["w_ce"], UNLABELED),
-                "kd": soft_kd_loss(logits, p, neg_h, self.hp["temperature"], self.hp["alpha"])}
+        ce, kd = kd_ce_loss_soft(logits, y, p, neg_h, self.hp["temperature"], self.hp["w_ce"], self.hp["alpha"],
+                                 UNLABELED, all_labeled=batch.labeled is None)
+        return {"ce": ce, "kd": kd}
 
     def _per_student(self, terms):
         # a term with weight 0 is left out, as in the separate run (0 * inf would be nan)
