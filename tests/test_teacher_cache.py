@@ -88,6 +88,22 @@ def test_soft_targets_are_the_softened_teacher_distribution():
     assert torch.allclose(neg_entropy, (q * q.log()).sum(1), atol=1e-5)
 
 
+def test_cached_outputs_carry_no_graph_under_grad_mode():
+    # the lookups run without torch.no_grad(): nothing they return may require grad or hold a graph,
+    # from its tables, or online for a view the cache does not hold
+    teacher, x = frozen_cnn()
+    for p in teacher.model.parameters():
+        p.requires_grad_(True)
+    cache = TeacherCache(teacher).add_view("train", x)
+    idx = torch.tensor([3, 7, 11])
+    with torch.enable_grad():
+        for view in ("train", "other"):
+            out = [cache.logits(batch(x, idx, view)), *cache.soft_targets(batch(x, idx, view), 2.0)]
+            logits, feats = cache.features(batch(x, idx, view), ["0.1", "0.4"])
+            out += [logits, *feats.values()]
+            assert not any(t.requires_grad or t.grad_fn is not None for t in out), view
+
+
 @pytest.mark.parametrize("with_unlabeled", [False, True])
 @pytest.mark.parametrize("b, c, w_ce", [(12, 6, 0.3), (12, 20, 0.3), (12, 6, 0.0), (1, 6, 0.3)])
 def test_kd_ce_loss_soft_matches_ce_plus_kd(with_unlabeled, b, c, w_ce):

@@ -47,7 +47,10 @@ class MethodStepper:
         return self.method.losses(batch)
 
     def total(self, terms: Dict[str, torch.Tensor]) -> torch.Tensor:
-        return sum(terms.values())
+        loss = None
+        for v in terms.values():  # from the first term: sum() would start from 0, one more add per step
+            loss = v if loss is None else loss + v
+        return loss
 
     def check(self, loss: torch.Tensor, terms: Dict[str, torch.Tensor], where: str) -> torch.Tensor:
         if not torch.isfinite(loss):

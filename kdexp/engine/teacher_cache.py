@@ -108,7 +108,8 @@ class TeacherCache:
         view = getattr(batch, "view", None)
         return view if view is not None and view in self._views else None
 
-    @torch.no_grad()
+    # the per-step lookups run without torch.no_grad(): the tables never require grad (the teacher's
+    # passes run under it), and entering it every step costs more than the lookup (~5-10 us on the CPU)
     def logits(self, batch: Batch) -> torch.Tensor:
         view = self._cached_view(batch)
         if view is None:
@@ -127,7 +128,6 @@ class TeacherCache:
             return store.logits(idx)
         return self._logits[view].index_select(0, idx)
 
-    @torch.no_grad()
     def features(self, batch: Batch, names: Sequence[str]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         names = list(names)
         view = self._cached_view(batch)
@@ -145,7 +145,6 @@ class TeacherCache:
         idx = batch.idx
         return self._table(view, idx), {n: self._features[(view, n)].index_select(0, idx) for n in names}
 
-    @torch.no_grad()
     def soft_targets(self, batch: Batch, temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
         """(p, sum_c p log p) of the teacher's softened distribution p = softmax(t / T) for the
         batch: p (B, C) and its negative entropy (B,). Cached per (view, T) so that a KD step does
@@ -200,6 +199,7 @@ class TeacherCache:
             else:
                 yield int(idx[0]), self.teacher.logits(batch), {}
 
+    @torch.no_grad()
     def _fill(self, view: str, names: Sequence[str]) -> None:
         """One pass of the teacher over all samples of `view` in chunks: logits (and `names`); with
         self.disk and no features, the logits go to (or come from) the view's store on disk."""
