@@ -183,10 +183,11 @@ class Bench:
         self.counter += 1
         return os.path.join(self.work, "runs", f"{self.counter:03d}-{name}")
 
-    def run(self, *overrides, cache=None, base=None):
-        """One kdexp run through the entrypoint's run(); -> metrics.json."""
+    def run(self, *overrides, cache=None, base=None, cfg=None):
+        """One kdexp run through the entrypoint's run() (of `cfg`, composed from `overrides` unless
+        given); -> metrics.json."""
         d = self.run_dir("_".join(o.replace("/", "-") for o in overrides) or "default")
-        kdexp.train.run(self.cfg(*overrides, cache=cache, base=base), d, overrides)
+        kdexp.train.run(cfg if cfg is not None else self.cfg(*overrides, cache=cache, base=base), d, overrides)
         with open(os.path.join(d, "metrics.json")) as f:
             return json.load(f)
 
@@ -332,9 +333,12 @@ class Bench:
         epochs = f"epochs={self.epochs}"
         ratios, walls = [], []
         for _ in range(self.reps):
+            # both sides' configs composed before their clocks start (Hydra composes each job's
+            # config in either sweep)
+            cfgs = [(o, self.cfg(*o, epochs, cache=cache)) for o in self.sweep_configs(method)]
             w0, t0 = time.perf_counter(), self.clock()
-            for o in self.sweep_configs(method):
-                self.run(*o, epochs, cache=cache)
+            for o, cfg in cfgs:
+                self.run(*o, cfg=cfg)
             sep, sep_wall = self.clock() - t0, time.perf_counter() - w0
             jobs = [fused.Job(self.cfg(*o, epochs, cache=cache), self.run_dir("fused"), o, i)
                     for i, o in enumerate(self.sweep_configs(method))]

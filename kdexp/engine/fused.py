@@ -1,7 +1,8 @@
 """Fused sweeps: N runs that differ only in method.temperature / alpha / beta / w_ce / seed are
 trained in one process, as N students with stacked parameters sharing one teacher output per
 sample (the teacher-output cache), one forward of all students per step
-(`torch.func.functional_call` under `vmap`) and one optimizer over the stacked weights.
+(kdexp.engine.stacked: explicit matrix products for MLP students, `functional_call` under `vmap`
+for the others) and one optimizer over the stacked weights.
 
 A fused group goes through the same lifecycle as a single run: its plans (kdexp.engine.plan say
 whether it can fuse), one assembly for the group (kdexp.engine.assemble), a recorder per run and
@@ -47,6 +48,7 @@ from kdexp.engine.plan import FUSABLE_KEYS, plan
 from kdexp.engine.record import Recorder, hparams_of, interruptible, run_dir_lock
 from kdexp.engine.resume import finished_value, flatten
 from kdexp.engine.source import InMemorySource, StackedSource
+from kdexp.engine.stacked import stacked_forward
 from kdexp.engine.steppers import DivergedError
 from kdexp.engine.teacher_cache import take_fill_seconds
 from kdexp.errors import KdexpError
@@ -185,7 +187,7 @@ def _open(job: Job, k: int, jobs: Sequence[Job], p, asm, device) -> Recorder:
 
 
 class FusedStepper:
-    """N students of one logit method (kdexp.methods.base.LogitMethod) under vmap: losses (N,) per
+    """N students of one logit method (kdexp.methods.base.LogitMethod) at once: losses (N,) per
     term, one optimizer over the stacked weights, per-student divergence (a diverged run is recorded
     failed; the others go on), metrics and checkpoints per run (weights copied back into each
     student first).
@@ -197,7 +199,7 @@ class FusedStepper:
     instead (`kd_ce_loss_soft` on (N, B, C): no teacher softmax per step), as its separate run does."""
 
     def __init__(self, asm, plans, recorders: List[Recorder], labels: List[str], indices: List[int]):
-        from torch.func import functional_call, vmap
+        from torch.func import vmap
 
         self.asm, self.plans, self.recorders, self.labels, self.indices = asm, plans, recorders, labels, indices
         self.methods = asm.methods
@@ -230,10 +232,7 @@ class FusedStepper:
             for r in recorders:
                 r.record["teacher_cache"]["fill_s"] = round(fill_s, 4)
 
-        def forward(params, bufs, x):
-            return functional_call(template, (params, bufs), (x,))
-
-        self._forward = {shared: vmap(forward, in_dims=(0, 0, None if shared else 0)) for shared in (True, False)}
+        self._forward = stacked_forward(template, asm.data.in_shape)
         self._terms = {(shared, self.t_table is not None): vmap(
             method.logit_terms, in_dims=(0, None if shared or self.t_table is None else 0, None if shared else 0, 0))
             for shared in (True, False)}
@@ -266,7 +265,7 @@ class FusedStepper:
 
     def losses(self, batch):
         shared = batch.idx.dim() == 1  # one batch for all students (they share a seed)
-        logits = self._forward[shared](self.stacked, self.buffers, batch.x)  # (N, B, C)
+        logits = self._forward(self.stacked, self.buffers, batch.x, shared)  # (N, B, C)
         if not self.soft:
             t = None if self.t_table is None else self.t_table[batch.idx]  # (B, C), or (N, B, C) per student
             return self._terms[shared, t is not None](logits, t, batch.y, self.hp)
@@ -341,7 +340,7 @@ class FusedStepper:
     @torch.no_grad()
     def _validation(self, batch_size: int) -> List[dict]:
         """Every student's val/acc and val/loss (what `validation_metrics` gives a logit method's
-        separate run: it has no eval_models, extra_metrics or domain views), from one vmapped forward
+        separate run: it has no eval_models, extra_metrics or domain views), from one stacked forward
         per validation batch instead of one per student."""
         data, template = self.asm.data, self.methods[0].student
         was_training = template.training
@@ -349,7 +348,7 @@ class FusedStepper:
         correct, loss = [0] * self.n, [0.0] * self.n
         for sel, xb in batches_of(data.x_val, batch_size):
             yb = data.y_val[sel]
-            logits = self._forward[True](self.stacked, self.buffers, xb.to(yb.device))  # (N, b, C)
+            logits = self._forward(self.stacked, self.buffers, xb.to(yb.device), True)  # (N, b, C)
             per = F.cross_entropy(logits.transpose(1, 2), yb.expand(self.n, -1), reduction="none").sum(-1)
             hits = (logits.argmax(-1) == yb).sum(-1)
             correct = [c + h for c, h in zip(correct, hits.tolist())]

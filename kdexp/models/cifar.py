@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdexp.errors import ConfigError
+from kdexp.models.layers import MaxPool2d
 from kdexp.models.registry import register_model
 from kdexp.models.taps import set_feature_layers
 
@@ -233,7 +234,7 @@ class VGG(nn.Module):
             setattr(self, f"block{i}", nn.Sequential(*layers[:-1]))  # the last ReLU is act{i}
             setattr(self, f"act{i}", nn.ReLU())
         for i in range(4):
-            setattr(self, f"pool{i}", nn.MaxPool2d(2, 2, ceil_mode=True))
+            setattr(self, f"pool{i}", MaxPool2d(2, 2, ceil_mode=True))
         self.pool4 = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.classifier = nn.Linear(c, num_classes)

@@ -4,6 +4,7 @@ from typing import Tuple
 import torch.nn as nn
 
 from kdexp.errors import ConfigError
+from kdexp.models.layers import MaxPool2d
 from kdexp.models.registry import register_model
 from kdexp.models.taps import set_feature_layers
 
@@ -18,7 +19,7 @@ def _image_shape(name: str, in_shape: Tuple[int, ...]) -> Tuple[int, int, int]:
 
 def _pool(size: int) -> nn.Module:
     # Halve while the map is at least 2 pixels wide, so tiny inputs (8x8 digits) still fit.
-    return nn.MaxPool2d(2, ceil_mode=True) if size >= 2 else nn.Identity()
+    return MaxPool2d(2, ceil_mode=True) if size >= 2 else nn.Identity()
 
 
 @register_model("cnn")
@@ -69,8 +70,8 @@ def lenet5(in_shape, num_classes) -> nn.Module:
     pool to 5x5 before the dense layers let it take any input size (32x32 is the classic)."""
     c, _, _ = _image_shape("lenet5", in_shape)
     model = nn.Sequential(
-        nn.Conv2d(c, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
-        nn.Conv2d(6, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
+        nn.Conv2d(c, 6, 5, padding=2), nn.ReLU(), MaxPool2d(2, ceil_mode=True),
+        nn.Conv2d(6, 16, 5, padding=2), nn.ReLU(), MaxPool2d(2, ceil_mode=True),
         nn.AdaptiveAvgPool2d(5), nn.Flatten(),
         nn.Linear(16 * 5 * 5, 120), nn.ReLU(),
         nn.Linear(120, 84), nn.ReLU(),
