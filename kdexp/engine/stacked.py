@@ -39,10 +39,12 @@ def stacked_forward(template: nn.Module, in_shape: Sequence[int]) -> Forward:
 
 def linear_chain(template: nn.Module, in_shape: Sequence[int]) -> Optional[List[Tuple[str, object]]]:
     """The steps of a student that is a Sequential of an optional leading Flatten, Linear layers and
-    elementwise activations, on inputs that are vectors once flattened: ("flatten", None),
-    ("linear", its name) or ("act", the module); None for any other student."""
+    elementwise activations, on inputs that are vectors once flattened, without hooks: ("flatten",
+    None), ("linear", its name) or ("act", the module); None for any other student."""
     if type(template) is not nn.Sequential or next(template.buffers(), None) is not None:
         return None
+    if any(m._forward_hooks or m._forward_pre_hooks for m in template.modules()):
+        return None  # the products below call no module's hooks
     steps: List[Tuple[str, object]] = []
     for i, (name, m) in enumerate(template.named_children()):
         if type(m) is nn.Flatten and i == 0 and m.start_dim == 1 and m.end_dim == -1:
