@@ -88,6 +88,12 @@ def test_fused_students_match_separate_runs(compose_cfg, tmp_path, method):
             assert torch.allclose(ck["method"][k], v, atol=1e-4), k
 
 
+def test_fused_conv_students_match_separate_runs(compose_cfg, tmp_path):
+    # a student that is not a linear chain runs under vmap (kdexp.engine.stacked)
+    variants = [["method=kd", "student=cnn", "student.args.channels=[4,8]", f"method.temperature={t}"] for t in (2, 8)]
+    fused_and_separate_agree(compose_cfg, tmp_path, variants, ["epochs=1", "teacher.epochs=1", "progress=false"])
+
+
 @pytest.mark.slow
 def test_a_fused_checkpoint_resumes_as_a_separate_run(compose_cfg, tmp_path):
     variants = [["method=kd", "method.temperature=2"], ["method=kd", "method.temperature=6", "seed=3"]]
