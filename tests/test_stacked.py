@@ -56,8 +56,8 @@ def test_vector_inputs_and_layers_without_bias(shared):
 
 
 def test_other_students_run_under_vmap():
-    cnn = get_model("cnn", (1, 8, 8), 4, channels=[3, 4])
-    assert linear_chain(cnn, (1, 8, 8)) is None
+    build_cnn = lambda: get_model("cnn", (1, 8, 8), 4, channels=[3, 4])  # noqa: E731
+    assert linear_chain(build_cnn(), (1, 8, 8)) is None
     assert linear_chain(nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)), (6,)) is None
     assert linear_chain(nn.Sequential(nn.Linear(6, 3)), (2, 6)) is None  # images without a Flatten
     assert linear_chain(nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(6, 3)), (6,)) is None
@@ -65,5 +65,4 @@ def test_other_students_run_under_vmap():
     hooked[0].register_forward_hook(lambda m, i, o: None)
     assert linear_chain(hooked, (6,)) is None  # a hook would not run in the explicit products
     for shared in (True, False):
-        check_against_each_student(students(lambda: get_model("cnn", (1, 8, 8), 4, channels=[3, 4])), (1, 8, 8),
-                                   shared)
+        check_against_each_student(students(build_cnn), (1, 8, 8), shared)
