@@ -3,6 +3,7 @@ for linear chains and vmap for other students give each student's own forward an
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kdexp.engine.stacked import linear_chain, stacked_forward
 from kdexp.models import get_model
@@ -66,3 +67,35 @@ def test_other_students_run_under_vmap():
     assert linear_chain(hooked, (6,)) is None  # a hook would not run in the explicit products
     for shared in (True, False):
         check_against_each_student(students(build_cnn), (1, 8, 8), shared)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_conv_students_run_each_layer_as_one_grouped_convolution(shared):
+    # vmap's batching rule for conv (torch.func) folds the N students into one convolution per layer:
+    # over a shared batch the first layer's N weights stack into N*out channels (groups=1) and later
+    # layers take groups=N; per-student batches take groups=N from the first layer on. So a fused
+    # group of conv students issues the same number of convolutions as one student, on the CPU and
+    # on a GPU alike (cuDNN's grouped kernels there)
+    build = lambda: get_model("cnn", (1, 8, 8), 4, channels=[3, 4])  # noqa: E731
+    models = students(build)
+    params = stack(models)
+    x = torch.randn(B, 1, 8, 8) if shared else torch.randn(N, B, 1, 8, 8)
+    forward = stacked_forward(models[0], (1, 8, 8))
+    calls = []
+    real = torch.ops.aten.convolution.default
+
+    class Convolutions(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (real, torch.ops.aten.convolution_backward.default):
+                weight = args[1] if func is real else args[2]
+                groups = args[8] if func is real else args[9]
+                calls.append((func.__name__.split(".")[0], tuple(weight.shape), groups))
+            return func(*args, **(kwargs or {}))
+
+    with Convolutions():
+        forward(params, {}, x, shared).sum().backward()
+    convs = [c for c in calls if c[0] == "convolution"]
+    assert len(convs) == 2 and len([c for c in calls if c[0] == "convolution_backward"]) == 2, calls
+    first, second = convs
+    assert first[1][0] == N * 3 and first[2] == (1 if shared else N), first  # 3 channels per student
+    assert second[1][0] == N * 4 and second[2] == N, second
