@@ -8,7 +8,7 @@
 # Writes to $OUT (or ./gpu_check_out), one file per step, and a summary line per step to summary.txt:
 #   gpu.txt      nvidia-smi and what torch sees (name, capability, memory, versions)
 #   tests.txt    pytest -m cuda (tests/test_cuda.py: GPU = CPU run, cached = online, fused = separate,
-#                AMP and channels_last, resume, the KD node)
+#                AMP and channels_last, resume; the KD node's formula in tests/test_teacher_cache.py)
 #   bench.txt    scripts/bench.py --device cuda ((h): resnet32x4 -> resnet8x4 on CIFAR-100-shaped data,
 #                bf16 AMP, channels_last: KD epoch / CE epoch, images/s); bench.json its numbers
 #   presets.txt  a few steps (debug=limit) of the CIFAR-100 and ImageNet presets with AMP on fake data
@@ -101,11 +101,10 @@ EOF
 
 rm -f "$OUT/summary.txt"
 step gpu gpu.txt gpu_info
+step tests tests.txt python3 -m pytest -m cuda -n 0 -p no:cacheprovider tests  # on the CPU: all skipped
 if [ "$DEVICE" = cuda ]; then
-    step tests tests.txt python3 -m pytest -m cuda -n 0 -p no:cacheprovider tests/test_cuda.py
     step bench bench.txt python3 scripts/bench.py --device cuda --threads 0 --json "$OUT/bench.json" --workdir "$WORK/bench"
 else
-    step tests tests.txt python3 -m pytest -m cuda -n 0 -p no:cacheprovider tests/test_cuda.py  # skipped: no GPU
     step bench bench.txt python3 scripts/bench.py --pair cifar100 --quick --samples 128 --epochs 1 --workdir "$WORK/bench"
 fi
 step presets presets.txt presets

@@ -104,15 +104,20 @@ def test_cached_outputs_carry_no_graph_under_grad_mode():
             assert not any(t.requires_grad or t.grad_fn is not None for t in out), view
 
 
+GPU = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                       reason="needs a GPU (torch sees none)")])
+
+
+@pytest.mark.parametrize("device", ["cpu", GPU])
 @pytest.mark.parametrize("with_unlabeled", [False, True])
 @pytest.mark.parametrize("b, c, w_ce", [(12, 6, 0.3), (12, 20, 0.3), (12, 6, 0.0), (1, 6, 0.3)])
-def test_kd_ce_loss_soft_matches_ce_plus_kd(with_unlabeled, b, c, w_ce):
-    # 6 classes: the node's classes-first layout on the CPU; 20: the row-wise one; b=1: a (1, C)
-    # batch, whose transpose is already contiguous
+def test_kd_ce_loss_soft_matches_ce_plus_kd(with_unlabeled, b, c, w_ce, device):
+    # 6 classes: the node's classes-first layout on the CPU; 20: the row-wise one (a GPU's for any
+    # C); b=1: a (1, C) batch, whose transpose is already contiguous
     torch.manual_seed(0)
-    s = torch.randn(b, c, dtype=torch.float64, requires_grad=True)
-    t = torch.randn(b, c, dtype=torch.float64)
-    y = torch.randint(0, c, (b,))
+    s = torch.randn(b, c, dtype=torch.float64).to(device).requires_grad_(True)  # the same values on either device
+    t = torch.randn(b, c, dtype=torch.float64).to(device)
+    y = torch.randint(0, c, (b,)).to(device)
     if with_unlabeled:
         y[:b // 3] = UNLABELED
     T, alpha = 2.5, 0.7
